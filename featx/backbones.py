@@ -1,0 +1,209 @@
+"""Frozen timm backbones: creation, local-checkpoint loading and identity hashing.
+
+A backbone is always created headless (``num_classes=0``) so its output is the pooled
+pre-logits embedding. Weights come from timm's hub (``pretrained``), from a local checkpoint
+(``weights``), or stay at a seeded random initialisation.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+
+from .errors import FeatxError
+
+__all__ = ["BackboneInfo", "create_backbone", "load_weights", "read_checkpoint", "state_dict_sha256", "file_sha256"]
+
+_logger = logging.getLogger(__name__)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+@dataclass
+class BackboneInfo:
+    """What produced a backbone's weights, recorded next to everything computed with it."""
+
+    model_name: str  # timm model name
+    weights: str  # 'random', 'timm-pretrained' or the checkpoint path
+    weights_sha256: str  # sha256 of the headless state dict actually used
+    weights_file_sha256: str | None  # sha256 of the checkpoint file, when loaded from one
+    load_notice: str  # how the weights were matched (by name, by position, ...)
+    num_features: int  # embedding dimension
+
+
+def _check_model_name(name: str) -> None:
+    if timm.is_model(name):
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; did you mean {', '.join(close)}?" if close else "; list names with timm.list_models('*pattern*')"
+    raise FeatxError(f"unknown timm model '{name}'{hint}")
+
+
+def create_backbone(
+    model_name: str,
+    *,
+    pretrained: bool = False,
+    weights: str | Path | None = None,
+    img_size: int | None = None,
+    num_classes: int = 0,
+    seed: int = 0,
+) -> tuple[torch.nn.Module, BackboneInfo]:
+    """Create a timm backbone (headless by default) and load its weights.
+
+    ``img_size`` is passed to models that take it (ViTs resize their position embeddings);
+    for the others it only changes the preprocessing resolution.
+    """
+    _check_model_name(model_name)
+    if pretrained and weights is not None:
+        raise FeatxError("use either --pretrained or --weights, not both")
+    kwargs = {"num_classes": num_classes}
+    torch.manual_seed(seed)  # random-init backbones are reproducible
+    try:
+        try:
+            model = timm.create_model(model_name, pretrained=pretrained, **kwargs, **({"img_size": img_size} if img_size else {}))
+        except TypeError:
+            model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    except FeatxError:
+        raise
+    except Exception as e:  # hub download failures have many types (OSError, HTTP errors, LocalEntryNotFound ...)
+        if pretrained:
+            raise FeatxError(
+                f"could not load timm's pretrained weights for '{model_name}' ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
+                "check the network or pass a local checkpoint with --weights PATH"
+            ) from None
+        raise
+    notice, file_hash, source = "random initialisation (seeded)", None, "random"
+    if pretrained:
+        notice, source = "timm pretrained weights", "timm-pretrained"
+    if weights is not None:
+        file_hash = file_sha256(weights)
+        notice = load_weights(model, weights)
+        source = str(weights)
+    model.eval()
+    info = BackboneInfo(
+        model_name=model_name,
+        weights=source,
+        weights_sha256=state_dict_sha256(model),
+        weights_file_sha256=file_hash,
+        load_notice=notice,
+        num_features=int(model.num_features if num_classes == 0 else model.num_classes),
+    )
+    return model, info
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def state_dict_sha256(model: torch.nn.Module) -> str:
+    """sha256 over names, shapes and bytes of every tensor in ``model.state_dict()``."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a checkpoint as a flat ``{name: tensor}`` dict (safe loading only).
+
+    Unwraps ``state_dict`` / ``model`` / ``state_dict_ema`` containers and strips ``module.``
+    prefixes left by DataParallel / DDP.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise FeatxError(f"--weights '{path}' is a folder; pass the checkpoint file inside it (e.g. {path}/best.pt)")
+    if not path.is_file():
+        raise FeatxError(f"checkpoint '{path}' does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            obj = load_file(str(path), device="cpu")
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise FeatxError(
+            f"cannot read checkpoint '{path}' with safe (weights_only) loading: {first}; "
+            "re-save it as a plain state dict (torch.save(model.state_dict(), path))"
+        ) from None
+    for _ in range(3):  # nested containers: {'model': {'state_dict': ...}}
+        if isinstance(obj, dict) and not _is_tensor_dict(obj):
+            for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, dict) or not _is_tensor_dict(obj):
+        raise FeatxError(f"checkpoint '{path}' holds no state dict (expected a dict of tensors, optionally under 'state_dict' or 'model')")
+    state = {}
+    for k, v in obj.items():
+        if isinstance(v, torch.Tensor):
+            state[k[len("module."):] if k.startswith("module.") else k] = v
+    return state
+
+
+def _is_tensor_dict(d: dict) -> bool:
+    return bool(d) and sum(isinstance(v, torch.Tensor) for v in d.values()) >= max(1, len(d) // 2)
+
+
+def load_weights(model: torch.nn.Module, path: str | Path) -> str:
+    """Load a local checkpoint into ``model``; returns a one-line notice of how it matched.
+
+    Matching by name first (tensors the model lacks, such as a classifier on a headless
+    model, are ignored). When names differ but every model tensor matches the checkpoint
+    one-to-one in order and shape, loads by position and says so. Otherwise raises
+    :class:`FeatxError` naming the first mismatches.
+    """
+    ckpt = read_checkpoint(path)
+    target = model.state_dict()
+    same = [k for k in target if k in ckpt and tuple(ckpt[k].shape) == tuple(target[k].shape)]
+    if len(same) == len(target):
+        model.load_state_dict({k: ckpt[k] for k in target}, strict=True)
+        extra = len(ckpt) - len(target)
+        return f"loaded {len(target)} tensors by name" + (f" ({extra} not in the model, e.g. a classifier, ignored)" if extra else "")
+    if len(same) > len(target) // 2:
+        bad = [k for k in target if k not in same][:3]
+        raise FeatxError(f"checkpoint '{path}' lacks or misshapes {len(target) - len(same)} tensors of '{type(model).__name__}': " + ", ".join(_describe(k, target, ckpt) for k in bad))
+    names, tensors = list(ckpt), list(ckpt.values())
+    if len(tensors) >= len(target):
+        mismatches = [(i, k) for i, k in enumerate(target) if tuple(tensors[i].shape) != tuple(target[k].shape)]
+        if not mismatches:
+            model.load_state_dict({k: tensors[i] for i, k in enumerate(target)}, strict=True)
+            extra = len(tensors) - len(target)
+            notice = (
+                f"checkpoint names differ from timm's; loaded {len(target)} tensors by position"
+                + (f" ({extra} trailing tensors, e.g. a classifier, ignored)" if extra else "")
+            )
+            _logger.warning("%s", notice)
+            return notice
+    else:
+        mismatches = [(i, k) for i, k in enumerate(target) if i >= len(tensors) or tuple(tensors[i].shape) != tuple(target[k].shape)]
+    first = mismatches[:3]
+    detail = "; ".join(
+        f"#{i} model '{k}' {tuple(target[k].shape)} vs checkpoint "
+        + (f"'{names[i]}' {tuple(tensors[i].shape)}" if i < len(tensors) else "nothing")
+        for i, k in first
+    )
+    raise FeatxError(
+        f"checkpoint '{path}' ({len(tensors)} tensors) does not fit model ({len(target)} tensors) by name or by position; "
+        f"first mismatches: {detail}. Check --model"
+    )
+
+
+def _describe(k, target, ckpt) -> str:
+    if k not in ckpt:
+        return f"'{k}' missing"
+    return f"'{k}' {tuple(ckpt[k].shape)} vs {tuple(target[k].shape)}"

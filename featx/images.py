@@ -1,0 +1,63 @@
+"""Robust image decoding: every odd file either becomes an RGB image or a :class:`BadImage`.
+
+Handles zero-byte and truncated files, non-images with image extensions, EXIF rotation,
+grayscale/palette/alpha/CMYK/16-bit modes and Pillow's decompression-bomb guard.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import BadImage
+
+__all__ = ["open_image", "to_rgb"]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully into an RGB image, or raise :class:`BadImage` with the reason."""
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            raise BadImage("empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except BadImage:
+        raise
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"too large for Pillow's decompression-bomb guard ({e}); raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
+    except UnidentifiedImageError:
+        raise BadImage("not a readable image (unknown format or corrupt header)") from None
+    except FileNotFoundError:
+        raise BadImage("file not found") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise BadImage(f"truncated or corrupt image: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; transparency is composited on white."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        if mode == "F" and a.max(initial=0) <= 1.0:
+            hi = 1.0
+        a = np.clip(np.rint(a * (255.0 / hi)), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

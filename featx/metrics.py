@@ -1,0 +1,30 @@
+"""Classification metrics in one schema, shared by fitted heads and fine-tuning runs."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
+
+__all__ = ["classification_metrics"]
+
+
+def classification_metrics(y_true, y_pred, proba=None, *, n_classes: int | None = None) -> dict:
+    """accuracy, balanced_accuracy, macro_f1 (and top5_accuracy when ``proba`` has more than 5 classes).
+
+    ``proba`` is [n, n_classes] with columns in class-index order 0..n_classes-1.
+    """
+    y_true = np.asarray(y_true)
+    y_pred = np.asarray(y_pred)
+    labels = np.arange(n_classes) if n_classes else np.unique(np.concatenate([y_true, y_pred]))
+    out = {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)),
+    }
+    if proba is not None and proba.shape[1] > 5:
+        out["top5_accuracy"] = float(top_k_accuracy_score(y_true, proba, k=5, labels=labels))
+    return out
+
+
+def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
+    return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))

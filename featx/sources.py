@@ -1,0 +1,234 @@
+"""Image sources: folders, CSV manifests and named datasets, as one ordered list of images.
+
+Every source resolves to an :class:`ImageSource`: image identifiers, integer labels, split names
+and class names, plus a way to load image ``i`` as an RGB PIL image. The order is deterministic
+(sorted paths), so the same source always yields the same image list and the same hash.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import FeatxError
+from .images import open_image
+
+__all__ = ["ImageSource", "resolve_source", "IMG_EXTENSIONS", "SPLIT_NAMES"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+# Folder names that mark a split-first layout (SOURCE/<split>/<class>/<image>).
+SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout")
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+UNLABELED = -1
+
+
+@dataclass
+class ImageSource:
+    """An ordered list of images with labels, splits and class names."""
+
+    name: str  # what the user passed (path or dataset name), for messages and metadata
+    ids: list[str]  # relative paths for files, '<dataset>/<split>/<index>' for named datasets
+    labels: np.ndarray  # int64 class index per image, -1 where unlabeled
+    splits: list[str]  # split name per image
+    class_names: list[str]  # index -> class name
+    root: Path | None = None  # folder that relative ids are resolved against
+    arrays: np.ndarray | None = field(default=None, repr=False)  # in-memory uint8 images, if any
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @property
+    def split_names(self) -> list[str]:
+        """Split names in order of first appearance."""
+        return list(dict.fromkeys(self.splits))
+
+    def path(self, i: int) -> Path | None:
+        return None if self.root is None else self.root / self.ids[i]
+
+    def load(self, i: int) -> Image.Image:
+        """Image ``i`` as an RGB PIL image; raises :class:`BadImage` if it cannot be decoded."""
+        if self.arrays is not None:
+            return Image.fromarray(self.arrays[i]).convert("RGB")
+        return open_image(self.root / self.ids[i])
+
+    def fingerprint(self) -> str:
+        """sha256 of the image list (ids, labels, splits; pixel data for in-memory datasets)."""
+        h = hashlib.sha256()
+        for i, y, s in zip(self.ids, self.labels.tolist(), self.splits):
+            h.update(f"{i}\t{y}\t{s}\n".encode())
+        h.update("\n".join(self.class_names).encode())
+        if self.arrays is not None:
+            h.update(np.ascontiguousarray(self.arrays).tobytes())
+        return h.hexdigest()
+
+    def subset(self, indices) -> "ImageSource":
+        """A new source holding only ``indices`` (kept in the given order)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSource(
+            name=self.name,
+            ids=[self.ids[i] for i in idx],
+            labels=self.labels[idx],
+            splits=[self.splits[i] for i in idx],
+            class_names=list(self.class_names),
+            root=self.root,
+            arrays=None if self.arrays is None else self.arrays[idx],
+        )
+
+
+def resolve_source(spec: str | os.PathLike) -> ImageSource:
+    """Turn a command-line SOURCE into an :class:`ImageSource`.
+
+    Accepts a folder (``<class>/<image>`` or ``<split>/<class>/<image>``), a CSV manifest with
+    columns ``path,label[,split]``, ``fashion-mnist[:DIR]`` or ``digits``.
+    """
+    text = str(spec)
+    if text == "digits":
+        return _digits()
+    if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
+        return _fashion_mnist(text.partition(":")[2] or FASHION_MNIST_DIR)
+    path = Path(text)
+    if not path.exists():
+        raise FeatxError(f"source '{text}' does not exist (expected a folder, a .csv manifest, 'digits' or 'fashion-mnist[:DIR]')")
+    if path.is_dir():
+        return _folder(path)
+    if path.suffix.lower() == ".csv":
+        return _manifest(path)
+    raise FeatxError(f"source '{text}' is a file but not a .csv manifest; pass an image folder or a CSV with columns path,label[,split]")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _folder(root: Path) -> ImageSource:
+    top = _subdirs(root)
+    split_first = bool(top) and all(d.name.lower() in SPLIT_NAMES for d in top)
+    entries: list[tuple[str, str, str]] = []  # (relative path, class, split)
+    if split_first:
+        for split_dir in top:
+            for cls_dir in _subdirs(split_dir):
+                entries += [(str(f.relative_to(root)), cls_dir.name, split_dir.name) for f in _walk(cls_dir)]
+    else:
+        for cls_dir in top:
+            entries += [(str(f.relative_to(root)), cls_dir.name, "train") for f in _walk(cls_dir)]
+    if not entries:
+        layout = "<split>/<class>/<image>" if split_first else "<class>/<image>"
+        raise FeatxError(f"no images found in '{root}' (expected {layout} with extensions {', '.join(IMG_EXTENSIONS)})")
+    class_names = sorted({c for _, c, _ in entries})
+    index = {c: k for k, c in enumerate(class_names)}
+    return ImageSource(
+        name=str(root),
+        ids=[e[0] for e in entries],
+        labels=np.array([index[e[1]] for e in entries], dtype=np.int64),
+        splits=[e[2] for e in entries],
+        class_names=class_names,
+        root=root,
+    )
+
+
+def _walk(d: Path) -> list[Path]:
+    """Image files under ``d`` (recursively), sorted for a deterministic order."""
+    return sorted((p for p in d.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
+
+
+def _manifest(csv_path: Path) -> ImageSource:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FeatxError(f"cannot read CSV manifest '{csv_path}': {e}") from None
+    missing = [c for c in ("path", "label") if c not in fields]
+    if missing:
+        raise FeatxError(f"CSV manifest '{csv_path}' lacks column(s) {', '.join(missing)}; it needs a header 'path,label[,split]' (found: {', '.join(fields) or 'no header'})")
+    rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows]
+    rows = [r for r in rows if r.get("path")]
+    if not rows:
+        raise FeatxError(f"CSV manifest '{csv_path}' lists no images")
+    names = sorted({r["label"] for r in rows if r["label"]}, key=_natural_key)
+    index = {c: k for k, c in enumerate(names)}
+    return ImageSource(
+        name=str(csv_path),
+        ids=[r["path"] for r in rows],
+        labels=np.array([index[r["label"]] if r["label"] else UNLABELED for r in rows], dtype=np.int64),
+        splits=[r.get("split") or "train" for r in rows],
+        class_names=names,
+        root=csv_path.parent,
+    )
+
+
+def _natural_key(s: str):
+    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def _digits() -> ImageSource:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    n = len(images)
+    return ImageSource(
+        name="digits",
+        ids=[f"digits/{i}" for i in range(n)],
+        labels=d.target.astype(np.int64),
+        splits=["train"] * n,
+        class_names=[str(c) for c in d.target_names],
+        arrays=images,
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise FeatxError(f"'{path}' is not an unsigned-byte idx file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _fashion_mnist(directory: str) -> ImageSource:
+    root = Path(directory)
+
+    def find(stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (root / name).exists():
+                return root / name
+        raise FeatxError(
+            f"Fashion-MNIST file '{stem}[.gz]' not found in '{root}'; "
+            "install it with 'apt-get install dataset-fashion-mnist' or pass fashion-mnist:DIR"
+        )
+
+    images, labels, ids, splits = [], [], [], []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _read_idx(find(f"{prefix}-images-idx3-ubyte"))
+        y = _read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        images.append(x)
+        labels.append(y.astype(np.int64))
+        ids += [f"fashion-mnist/{split}/{i}" for i in range(len(x))]
+        splits += [split] * len(x)
+    return ImageSource(
+        name="fashion-mnist",
+        ids=ids,
+        labels=np.concatenate(labels),
+        splits=splits,
+        class_names=list(FASHION_MNIST_CLASSES),
+        arrays=np.concatenate(images),
+    )

