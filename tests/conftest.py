@@ -25,9 +25,11 @@ def write_image(path: Path, colour, size=(40, 32), seed: int = 0, fmt: str | Non
 
 
 def make_image_folder(root: Path, *, n_classes: int = 3, per_class: int = 4, splits: tuple[str, ...] | None = None,
-                      size=(40, 32), ext: str = ".png") -> Path:
-    """ImageFolder tree: ``root/<class>/<i>.png`` or, with ``splits``, ``root/<split>/<class>/<i>.png``."""
-    seed = 0
+                      size=(40, 32), ext: str = ".png", seed: int = 0) -> Path:
+    """ImageFolder tree: ``root/<class>/<i>.png`` or, with ``splits``, ``root/<split>/<class>/<i>.png``.
+
+    Image noise is seeded from ``seed`` upwards, so calls with different seeds give different images.
+    """
     for split in splits or (None,):
         for c in range(n_classes):
             for i in range(per_class):
@@ -48,7 +50,7 @@ def split_folder(tmp_path) -> Path:
     """train (3 x 6) and test (3 x 3) splits."""
     root = tmp_path / "split_images"
     make_image_folder(root, per_class=6, splits=("train",))
-    make_image_folder(root, per_class=3, splits=("test",))
+    make_image_folder(root, per_class=3, splits=("test",), seed=1000)
     return root
 
 
