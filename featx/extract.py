@@ -92,8 +92,12 @@ class ExtractResult:
                 f"({self.images_per_s:.1f} images/s on {self.device}, {self.precision}): "
                 f"{self.n_rows} feature rows, {self.n_skipped} skipped")
         if self.skipped:
-            shown = "; ".join(f"{i}: {r}" for i, r in self.skipped[:3])
-            text += f" ({shown}{'; ...' if len(self.skipped) > 3 else ''})"
+            by_reason: dict[str, list[str]] = {}
+            for image_id, reason in self.skipped:
+                by_reason.setdefault(reason.split(":")[0].split(" (")[0], []).append(image_id)
+            shown = "; ".join(f"{len(ids)} {reason}: {', '.join(ids[:3])}{', ...' if len(ids) > 3 else ''}"
+                              for reason, ids in by_reason.items())
+            text += f" ({shown}; full reasons in the store's skipped list)"
         return text + f". Features are in {self.out} under '{self.key}'."
 
 

@@ -39,6 +39,8 @@ def open_image(path: str | Path) -> Image.Image:
         raise BadImage("file not found") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise BadImage(f"truncated or corrupt image: {e}") from None
+    except Exception as e:  # Pillow plugins raise many types on hostile files (struct.error, TypeError, ...)
+        raise BadImage(f"cannot decode ({type(e).__name__}: {e})") from None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
