@@ -81,8 +81,8 @@ def create_backbone(
     if pretrained:
         notice, source = "timm pretrained weights", "timm-pretrained"
     if weights is not None:
+        notice = load_weights(model, weights)  # validates the path first: a bad one is a FeatxError, not a traceback
         file_hash = file_sha256(weights)
-        notice = load_weights(model, weights)
         source = str(weights)
     model.eval()
     info = BackboneInfo(
@@ -171,21 +171,33 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
     target = model.state_dict()
     same = [k for k in target if k in ckpt and tuple(ckpt[k].shape) == tuple(target[k].shape)]
     if len(same) == len(target):
+        extra = [k for k in ckpt if k not in target]
+        unexpected = [k for k in extra if not k.startswith(_classifier_prefixes(model))]
+        if unexpected:
+            raise FeatxError(
+                f"checkpoint '{path}' holds {len(unexpected)} tensors that '{type(model).__name__}' lacks and that are not its "
+                f"classifier, e.g. {', '.join(unexpected[:3])}; it was saved from a different (deeper or wider) model. Check --model"
+            )
         model.load_state_dict({k: ckpt[k] for k in target}, strict=True)
-        extra = len(ckpt) - len(target)
-        return f"loaded {len(target)} tensors by name" + (f" ({extra} not in the model, e.g. a classifier, ignored)" if extra else "")
+        return f"loaded {len(target)} tensors by name" + (f" (classifier {', '.join(extra)} ignored)" if extra else "")
     if len(same) > len(target) // 2:
         bad = [k for k in target if k not in same][:3]
         raise FeatxError(f"checkpoint '{path}' lacks or misshapes {len(target) - len(same)} tensors of '{type(model).__name__}': " + ", ".join(_describe(k, target, ckpt) for k in bad))
     names, tensors = list(ckpt), list(ckpt.values())
     if len(tensors) >= len(target):
         mismatches = [(i, k) for i, k in enumerate(target) if tuple(tensors[i].shape) != tuple(target[k].shape)]
+        trailing = tensors[len(target):]
+        if not mismatches and trailing and not _looks_like_classifier(trailing, model):
+            raise FeatxError(
+                f"checkpoint '{path}' ({len(tensors)} tensors) matches the model's {len(target)} tensors by position but has "
+                f"{len(trailing)} more after them (from '{names[len(target)]}' on) that are not a classifier over "
+                f"{getattr(model, 'num_features', '?')} features; it was saved from a different model. Check --model"
+            )
         if not mismatches:
             model.load_state_dict({k: tensors[i] for i, k in enumerate(target)}, strict=True)
-            extra = len(tensors) - len(target)
             notice = (
                 f"checkpoint names differ from timm's; loaded {len(target)} tensors by position"
-                + (f" ({extra} trailing tensors, e.g. a classifier, ignored)" if extra else "")
+                + (f" (trailing classifier {', '.join(names[len(target):])} ignored)" if trailing else "")
             )
             _logger.warning("%s", notice)
             return notice
@@ -201,6 +213,21 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
         f"checkpoint '{path}' ({len(tensors)} tensors) does not fit model ({len(target)} tensors) by name or by position; "
         f"first mismatches: {detail}. Check --model"
     )
+
+
+def _classifier_prefixes(model: torch.nn.Module) -> tuple[str, ...]:
+    """Name prefixes of the model's classifier per its timm config (what a headless model drops)."""
+    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ("head", "fc", "classifier")
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return tuple(f"{n}." for n in names) + tuple(f"{n}_dist." for n in names)
+
+
+def _looks_like_classifier(tensors: list[torch.Tensor], model: torch.nn.Module) -> bool:
+    """A trailing linear classifier over the model's features: weight [C, D] and optionally bias [C]."""
+    dim = getattr(model, "num_features", None)
+    if not 1 <= len(tensors) <= 2 or tensors[0].ndim != 2 or (dim is not None and tensors[0].shape[1] != dim):
+        return False
+    return len(tensors) == 1 or tuple(tensors[1].shape) == (tensors[0].shape[0],)
 
 
 def _describe(k, target, ckpt) -> str:
