@@ -157,7 +157,8 @@ def _manifest(csv_path: Path) -> ImageSource:
     missing = [c for c in ("path", "label") if c not in fields]
     if missing:
         raise FeatxError(f"CSV manifest '{csv_path}' lacks column(s) {', '.join(missing)}; it needs a header 'path,label[,split]' (found: {', '.join(fields) or 'no header'})")
-    rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in r.items()} for r in rows]
+    # values beyond the header come back under the key None (as a list): ignore them
+    rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
     rows = [r for r in rows if r.get("path")]
     if not rows:
         raise FeatxError(f"CSV manifest '{csv_path}' lists no images")
