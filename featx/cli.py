@@ -91,6 +91,77 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+# -- finetune --------------------------------------------------------------------------------
+def _number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a timm backbone plus a new head end to end",
+                       description="Fine-tune a timm backbone and a new classifier on SOURCE's training split, evaluating on its "
+                                   "test/val split every epoch. RUN_DIR gets best.pt and last.pt (usable as featx extract --weights), "
+                                   "metrics.json in the fit-head schema and a timm export. Interrupted runs continue with --resume.")
+    p.add_argument("source", metavar="SOURCE", help="image folder (<class>/<img> or <split>/<class>/<img>), CSV manifest "
+                   "(path,label[,split]), 'digits' or 'fashion-mnist[:DIR]'")
+    p.add_argument("--model", required=True, help="timm model name, e.g. tf_efficientnet_lite0")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints, metrics and the export")
+    w = p.add_mutually_exclusive_group()
+    w.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights from the hub (needs internet)")
+    w.add_argument("--weights", metavar="PATH", help="local backbone checkpoint (.pth, .pt, .safetensors)")
+    p.add_argument("--freeze", default="none", metavar="all|stages:N|none",
+                   help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything (default)")
+    p.add_argument("--init-head", metavar="HEAD_DIR", help="start the classifier from a linear head fitted by featx fit-head on this backbone's features")
+    p.add_argument("--epochs", type=_positive_int, default=10)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--lr", type=_number, default=1e-3, help="peak AdamW learning rate of the head (default: 1e-3)")
+    p.add_argument("--weight-decay", type=_number, default=0.05)
+    p.add_argument("--layer-decay", type=_number, default=0.8, help="layer-wise lr decay per timm layer group; 1 disables (default: 0.8)")
+    p.add_argument("--warmup", type=_number, default=0.1, help="fraction of the steps spent in linear warm-up (default: 0.1)")
+    p.add_argument("--label-smoothing", type=_number, default=0.1)
+    p.add_argument("--clip-grad", type=_number, default=1.0, help="max gradient norm; 0 disables (default: 1.0)")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="train on the eval transform instead of timm's training augmentation")
+    p.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
+    p.add_argument("--train-split", default="train")
+    p.add_argument("--eval-split", help="split to evaluate on (default: test/val/valid if present, else a held-out part of the training split)")
+    p.add_argument("--holdout", type=_number, default=0.2, help="held-out fraction when the source has no evaluation split")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="auto: bf16 on GPUs that support it (else fp16), fp32 on CPU")
+    p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
+    p.add_argument("--workers", type=_non_negative_int, help="decoding workers (default: 1 on CPU, up to 16 on CUDA)")
+    p.add_argument("--export", choices=["last", "best", "none"], default="last", help="weights written to RUN_DIR/export (default: last)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in RUN_DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(
+        model=args.model, pretrained=args.pretrained, weights=args.weights, img_size=args.img_size, freeze=args.freeze,
+        init_head=args.init_head, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        layer_decay=args.layer_decay, warmup=args.warmup, label_smoothing=args.label_smoothing, clip_grad=args.clip_grad or None,
+        augment=args.augment, train_split=args.train_split, eval_split=args.eval_split, holdout=args.holdout, seed=args.seed,
+        device=args.device, precision=args.precision, channels_last=args.channels_last, workers=args.workers,
+        export=args.export, resume=args.resume, overwrite=args.overwrite, progress=args.progress,
+    )
+    result = finetune(args.source, config, args.out)
+    print(result.summary())
+    if args.json:
+        print(result.to_json())
+    return 0
+
+
+_EXTRA_COMMANDS += [_add_finetune]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

@@ -1,0 +1,307 @@
+"""featx finetune: freeze modes, training, resume, metrics schema, export, init from a fitted head, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import joblib
+import numpy as np
+import pytest
+import timm
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import Normalizer, StandardScaler
+from timm.data import create_transform, resolve_model_data_config
+
+from featx.backbones import create_backbone
+from featx.cli import main
+from featx.errors import FeatxError
+from featx.finetune import FinetuneConfig, apply_freeze, finetune, heads_linear_map, linear_head_from_dir, model_stages
+from featx.sources import resolve_source
+
+from conftest import make_image_folder
+
+HEADS_SCHEMA = ("head", "model", "accuracy", "balanced_accuracy", "macro_f1", "n_train", "n_test", "fit_seconds")
+FAST = dict(img_size=32, batch_size=8, workers=0, progress=False)
+
+
+def _headed(name: str, n_classes: int = 3) -> torch.nn.Module:
+    model, _ = create_backbone(name, img_size=32)
+    model.reset_classifier(n_classes)
+    return model
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """train 3 x 6, test 3 x 3 generated images."""
+    root = tmp_path_factory.mktemp("ft") / "images"
+    make_image_folder(root, per_class=6, splits=("train",))
+    make_image_folder(root, per_class=3, splits=("test",), seed=1000)
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(data, tmp_path_factory):
+    """A finished 2-epoch full fine-tune of test_efficientnet, run through the CLI with --json."""
+    out = tmp_path_factory.mktemp("ft") / "run"
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = main(["finetune", str(data), "--model", "test_efficientnet", "--out", str(out), "--epochs", "2",
+                   "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"])
+    assert rc == 0
+    return out, buf.getvalue()
+
+
+# -- freezing ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("name, head, last_stage, stem", [
+    ("test_resnet", {"fc.weight", "fc.bias"}, "layer4.", ("conv1.", "bn1.")),
+    ("test_efficientnet", {"classifier.weight", "classifier.bias"}, "blocks.4.", ("conv_stem.", "bn1.")),
+    ("test_vit", {"head.weight", "head.bias"}, "blocks.5.", ("cls_token", "pos_embed", "patch_embed.")),
+])
+def test_freeze_modes_leave_exactly_the_intended_parameters_trainable(name, head, last_stage, stem):
+    model = _headed(name)
+    names = [n for n, _ in model.named_parameters()]
+    stages, head_names = model_stages(model)
+    assert set(head_names) == head
+    assert all(n.startswith(stem) for n in stages[0]) and all(n.startswith(last_stage) or n.startswith(("conv_head", "bn2", "norm."))
+                                                              for n in stages[-1])
+
+    assert set(apply_freeze(model, "all")) == head
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == head
+
+    trainable = set(apply_freeze(model, "stages:1"))
+    assert trainable == head | set(stages[-1])
+    assert any(n.startswith(last_stage) for n in trainable) and not any(n.startswith(stem) for n in trainable)
+    if name == "test_efficientnet":  # the final conv/norm before pooling belong to the last stage
+        assert {"conv_head.weight", "bn2.weight"} <= trainable
+
+    assert set(apply_freeze(model, "stages:2")) == head | set(stages[-1]) | set(stages[-2])
+    assert set(apply_freeze(model, f"stages:{len(stages)}")) == set(names)
+    assert set(apply_freeze(model, "none")) == set(names)
+    with pytest.raises(FeatxError, match="more stages"):
+        apply_freeze(model, f"stages:{len(stages) + 1}")
+
+
+def test_freeze_all_trains_only_the_classifier_and_keeps_batchnorm_statistics(data, tmp_path):
+    result = finetune(str(data), FinetuneConfig(model="test_resnet", freeze="all", epochs=1, **FAST), tmp_path / "run")
+    before, _ = create_backbone("test_resnet", img_size=32)
+    after = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    for k, v in before.state_dict().items():  # weights and BatchNorm running stats untouched
+        assert torch.equal(after[k], v), k
+    assert not torch.equal(after["fc.weight"], _headed("test_resnet").fc.weight)
+    assert result.metrics["trainable_params"] == after["fc.weight"].numel() + after["fc.bias"].numel()
+
+
+# -- training ----------------------------------------------------------------------------------
+def test_loss_falls(data, tmp_path):
+    config = FinetuneConfig(model="test_vit", epochs=4, augment=False, lr=3e-3, layer_decay=None, label_smoothing=0.0, **FAST)
+    result = finetune(str(data), config, tmp_path / "run")
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < 0.6 * losses[0], losses
+    assert result.metrics["accuracy"] > 0.5
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_path):
+    config = FinetuneConfig(model="test_efficientnet", epochs=3, freeze="stages:2", **FAST)  # augmentation on
+    full = finetune(str(data), config, tmp_path / "full")
+
+    stopped = finetune(str(data), FinetuneConfig(**{**config.__dict__, "stop_after": 2}), tmp_path / "cut")
+    assert not stopped.finished and stopped.epochs_done == 2
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = finetune(str(data), FinetuneConfig(**{**config.__dict__, "resume": True}), tmp_path / "cut")
+    assert resumed.finished and resumed.resumed_from == 2
+
+    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "eval_loss", "best_epoch"):
+        assert resumed.metrics[key] == full.metrics[key], key
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_broken_images_are_skipped_and_counted(tmp_path):
+    root = make_image_folder(tmp_path / "images", per_class=5)
+    (root / "class1" / "broken.png").write_bytes(b"not an image")
+    (root / "class2" / "empty.png").write_bytes(b"")
+    result = finetune(str(root), FinetuneConfig(model="test_resnet", epochs=1, freeze="all", **FAST), tmp_path / "run")
+    assert result.metrics["n_skipped"] == 2
+    assert result.metrics["n_train"] + result.metrics["n_test"] == 15
+    assert "held-out" in result.metrics["eval_split"]
+
+
+# -- outputs -----------------------------------------------------------------------------------
+def test_metrics_json_has_the_heads_schema(run):
+    out, stdout = run
+    printed = json.loads(stdout.strip().splitlines()[-1])
+    assert set(HEADS_SCHEMA) <= set(printed)
+    assert printed["head"] == "finetune:none" and printed["model"] == "test_efficientnet"
+    assert printed["n_train"] == 18 and printed["n_test"] == 9 and printed["epochs"] == 2
+    assert 0 <= printed["accuracy"] <= 1 and printed["fit_seconds"] > 0 and printed["wall_seconds"] >= printed["fit_seconds"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert {k: saved[k] for k in HEADS_SCHEMA} == {k: printed[k] for k in HEADS_SCHEMA}
+    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+
+
+def _eval_batch(data, model_name: str):
+    model = timm.create_model(model_name, num_classes=0)
+    tf = create_transform(**resolve_model_data_config(model, args={"input_size": (3, 32, 32)}), is_training=False)
+    src = resolve_source(data)
+    test = [i for i, s in enumerate(src.splits) if s == "test"]
+    return torch.stack([tf(src.load(i)) for i in test]), src.labels[test]
+
+
+def test_export_loads_back_with_timm_and_predicts_the_same(run, data):
+    out, _ = run
+    x, y = _eval_batch(data, "test_efficientnet")
+    trained = timm.create_model("test_efficientnet", num_classes=3)
+    trained.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    from safetensors.torch import load_file
+
+    by_name = timm.create_model("test_efficientnet", num_classes=3)
+    by_name.load_state_dict(load_file(out / "export" / "model.safetensors"))
+    local = timm.create_model(f"local-dir:{out / 'export'}", pretrained=True)
+    assert local.pretrained_cfg["label_names"] == ["class0", "class1", "class2"]
+    with torch.inference_mode():
+        ref = trained.eval()(x)
+        for model in (by_name.eval(), local.eval()):
+            assert torch.allclose(model(x), ref, atol=1e-5)
+    accuracy = float((ref.argmax(1).numpy() == y).mean())
+    assert accuracy == pytest.approx(json.loads((out / "metrics.json").read_text())["accuracy"])
+
+
+def test_extract_reads_the_finetuned_checkpoint(run, data, tmp_path, capsys):
+    out, _ = run
+    args = ["extract", str(data), "--model", "test_efficientnet", "--img-size", "32", "--no-progress", "--workers", "0"]
+    assert main(args + ["--weights", str(out / "best.pt"), "--out", str(tmp_path / "ft.h5")]) == 0
+    assert main(args + ["--out", str(tmp_path / "random.h5")]) == 0
+    import h5py
+
+    with h5py.File(tmp_path / "ft.h5") as f1, h5py.File(tmp_path / "random.h5") as f2:
+        a, b = f1["test_efficientnet"]["features"][:], f2["test_efficientnet"]["features"][:]
+    assert a.shape == b.shape == (27, 256) and not np.allclose(a, b)
+    capsys.readouterr()
+    assert main(args + ["--weights", str(out), "--out", str(tmp_path / "dir.h5")]) == 2
+    assert "best.pt" in capsys.readouterr().err
+
+
+# -- init from a fitted head -------------------------------------------------------------------
+@pytest.mark.parametrize("steps, n_classes", [
+    ([("standardize", StandardScaler())], 3),
+    ([("standardize", StandardScaler()), ("pca", PCA(5, whiten=True))], 3),
+    ([("standardize", StandardScaler())], 2),
+])
+def test_linear_map_folds_preprocessing_into_the_weights(steps, n_classes):
+    rng = np.random.default_rng(0)
+    X = rng.normal(3.0, 2.0, (60, 8)) * rng.uniform(0.5, 4, 8)
+    y = rng.integers(0, n_classes, 60)
+    pipe = Pipeline(steps + [("head", LogisticRegression(max_iter=500))]).fit(X, y)
+    W, b, classes = heads_linear_map(pipe)
+    logits = X @ W.T + b
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    assert np.allclose(p / p.sum(1, keepdims=True), pipe.predict_proba(X), atol=1e-8)
+    assert list(classes) == list(range(n_classes))
+    with pytest.raises(FeatxError, match="Normalizer"):
+        heads_linear_map(Pipeline([("l2", Normalizer())] + steps + [("head", LogisticRegression())]).fit(X, y))
+
+
+def _features(data, model_name):
+    model, _ = create_backbone(model_name, img_size=32)
+    tf = create_transform(**resolve_model_data_config(model, args={"input_size": (3, 32, 32)}), is_training=False)
+    src = resolve_source(data)
+    with torch.inference_mode():
+        X = model.eval()(torch.stack([tf(src.load(i)) for i in range(len(src))])).numpy()
+    return X, src
+
+
+def _write_head_dir(path, pipe, class_names, dim):
+    path.mkdir(parents=True)
+    joblib.dump(pipe, path / "head.joblib")
+    (path / "head.json").write_text(json.dumps({"head": "logreg", "model": "test_resnet", "class_names": class_names,
+                                                "num_features": dim}))
+    return path
+
+
+def test_init_head_starts_from_the_fitted_linear_probe(data, tmp_path):
+    X, src = _features(data, "test_resnet")
+    train = np.array([s == "train" for s in src.splits])
+    pipe = Pipeline([("standardize", StandardScaler()), ("head", LogisticRegression(max_iter=2000))]).fit(X[train], src.labels[train])
+    # class names in a different order than the source: rows are permuted to match
+    shuffled = [src.class_names[i] for i in (2, 0, 1)]
+    head_dir = _write_head_dir(tmp_path / "head", pipe, shuffled, X.shape[1])
+    weight, bias = linear_head_from_dir(head_dir, shuffled, X.shape[1])
+    logits = torch.from_numpy(X).float() @ weight.T + bias
+    assert np.allclose(logits.softmax(1).numpy(), pipe.predict_proba(X), atol=1e-4)
+
+    head_dir = _write_head_dir(tmp_path / "head2", pipe, src.class_names, X.shape[1])
+    config = FinetuneConfig(model="test_resnet", freeze="all", init_head=str(head_dir), lr=1e-12, epochs=1, **FAST)
+    result = finetune(str(data), config, tmp_path / "run")
+    assert result.metrics["head"] == "finetune:all+init-head"
+    assert result.metrics["accuracy"] == pytest.approx(pipe.score(X[~train], src.labels[~train]))
+
+
+def test_init_head_refuses_nonlinear_or_mismatched_heads(data, tmp_path):
+    from sklearn.neighbors import KNeighborsClassifier
+
+    X, src = _features(data, "test_resnet")
+    knn = _write_head_dir(tmp_path / "knn", Pipeline([("head", KNeighborsClassifier(3))]).fit(X, src.labels), src.class_names, X.shape[1])
+    with pytest.raises(FeatxError, match="not linear"):
+        linear_head_from_dir(knn, src.class_names, X.shape[1])
+    lin = _write_head_dir(tmp_path / "lin", LogisticRegression().fit(X, src.labels), src.class_names, X.shape[1])
+    with pytest.raises(FeatxError, match="same --model"):
+        linear_head_from_dir(lin, src.class_names, X.shape[1] + 1)
+    with pytest.raises(FeatxError, match="classes"):
+        linear_head_from_dir(lin, ["a", "b", "c"], X.shape[1])
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def _cli(capsys, *args) -> tuple[int, str]:
+    capsys.readouterr()
+    rc = main(["finetune", *map(str, args), "--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress"])
+    return rc, capsys.readouterr().err.strip()
+
+
+def test_bad_input_exits_2_with_one_line(run, data, tmp_path, capsys):
+    out, _ = run
+    cases = [
+        ((data, "--model", "test_efficientnet", "--out", out), "--resume"),  # RUN_DIR holds another run
+        ((data, "--model", "test_resnet", "--out", out, "--resume"), "other settings"),
+        ((tmp_path / "missing", "--model", "test_resnet", "--out", tmp_path / "r1"), "does not exist"),
+        ((data, "--model", "test_resnet", "--out", tmp_path / "r2", "--freeze", "half"), "bad --freeze"),
+        ((data, "--model", "test_resnet", "--out", tmp_path / "r3", "--freeze", "stages:9"), "more stages"),
+        ((data, "--model", "test_resnett", "--out", tmp_path / "r4"), "did you mean"),
+        ((data, "--model", "test_resnet", "--out", tmp_path / "r5", "--eval-split", "holdout"), "no 'holdout' split"),
+    ]
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "notes.txt").write_text("keep me")
+    cases.append(((data, "--model", "test_resnet", "--out", tmp_path / "foreign"), "not empty"))
+    for args, message in cases:
+        rc, err = _cli(capsys, *args)
+        assert rc == 2, (args, err)
+        assert message in err and len(err.splitlines()) == 1 and err.startswith("featx finetune: error:"), err
+    assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
+    assert json.loads((out / "metrics.json").read_text())["epochs"] == 2  # the refused run is untouched
+
+
+def test_overwrite_replaces_a_run(data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert _cli(capsys, data, "--model", "test_resnet", "--out", out, "--epochs", "1", "--freeze", "all")[0] == 0
+    rc, _ = _cli(capsys, data, "--model", "test_resnet", "--out", out, "--epochs", "1", "--freeze", "all", "--overwrite", "--seed", "1")
+    assert rc == 0
+    assert json.loads((out / "run.json").read_text())["config"]["seed"] == 1
+
+
+def test_out_of_memory_names_the_fix(data, tmp_path, monkeypatch):
+    import featx.finetune as ft
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ft, "_train_epoch", oom)
+    with pytest.raises(FeatxError, match="smaller --batch-size"):
+        finetune(str(data), FinetuneConfig(model="test_resnet", epochs=1, **FAST), tmp_path / "run")
