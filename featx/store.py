@@ -17,7 +17,9 @@ never damages groups already there.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,6 +32,10 @@ from .errors import FeatxError
 __all__ = ["StoreKey", "FeatureSet", "FeatureStore", "open_store", "load_features", "JournalWriter", "journal_path"]
 
 _STR = h5py.string_dtype("utf-8")
+_logger = logging.getLogger(__name__)
+# Row datasets of a group, then those of its 'skipped' subgroup: what the progress digest covers.
+_ROW_COLUMNS = ("features", "labels", "ids", "split", "index")
+_SKIP_COLUMNS = ("index", "ids", "reasons")
 
 
 @dataclass(frozen=True)
@@ -215,9 +221,11 @@ def journal_path(out: str | os.PathLike, key: str) -> Path:
 class JournalWriter:
     """Writes one group's rows into the journal as batches finish; ``commit`` moves it into the store.
 
-    Progress (``next_image``, row and skip counts) is an attribute written after the rows and
-    flushed with them; on resume, rows past the recorded counts are discarded, so a kill at
-    any point loses at most the batch in flight.
+    Each batch is written and flushed first; only then are the progress attributes (``next_image``,
+    row and skip counts, and a sha256 digest of every row column up to those counts) written and
+    flushed. On resume the rows up to the recorded counts are read back and must reproduce the
+    digest: a journal that a kill left unreadable or inconsistent is discarded and the run starts
+    over, so a kill at any point loses work but never yields wrong rows.
     """
 
     def __init__(self, out: str | os.PathLike, key: str, store_key: StoreKey, meta: dict, *, dim: int, n_images: int,
@@ -228,6 +236,7 @@ class JournalWriter:
         self.store_key = store_key
         self.split_names = split_names
         self.resumed = False
+        self._hashers: dict[str, "hashlib._Hash"] = {}
         if self.path.exists():
             self.resumed = self._open_existing(n_images)
         if not self.resumed:
@@ -240,30 +249,44 @@ class JournalWriter:
         except BlockingIOError:
             raise FeatxError(f"another featx process is writing '{self.path}'; wait for it to finish") from None
         except OSError as e:
-            if "lock" in str(e).lower():
+            if "unable to lock file" in str(e).lower():  # not a substring test on "lock": "sblock" is in HDF5 errors
                 raise FeatxError(f"another featx process is writing '{self.path}'; wait for it to finish") from None
-            self.path.unlink()  # an unreadable journal holds no committed data: start over
-            return False
-        g = f.get(self.key)
-        if g is None or "features" not in g:
+            return self._discard(f"unreadable ({str(e).splitlines()[0][:120]})")
+        try:
+            g = f.get(self.key)
+            if g is None or "features" not in g or "progress_sha256" not in g.attrs:
+                f.close()
+                return self._discard("it was interrupted before its first batch")
+            diff = self.store_key.differences(g.attrs)
+            if diff:
+                f.close()
+                raise FeatxError(
+                    f"an interrupted extraction with different {', '.join(diff)} is waiting in '{self.path}'; "
+                    "rerun it with its original options to finish it, or delete that file to start over"
+                )
+            rows, skips, next_image = int(g.attrs["n_rows"]), int(g.attrs["n_skipped"]), int(g.attrs["next_image"])
+            hashers = _column_hashers(g, rows, skips)
+            ok = rows + skips == next_image <= n_images and _progress_digest(hashers, rows, skips, next_image) == g.attrs["progress_sha256"]
+        except FeatxError:
+            raise
+        except Exception as e:  # a kill mid-flush can leave any HDF5 structure half written
+            ok, hashers = False, None
+            _logger.debug("journal check failed: %r", e)
+        if not ok:
             f.close()
-            self.path.unlink()
-            return False
-        diff = self.store_key.differences(g.attrs)
-        if diff:
-            f.close()
-            raise FeatxError(
-                f"an interrupted extraction with different {', '.join(diff)} is waiting in '{self.path}'; "
-                "rerun it with its original options to finish it, or delete that file to start over"
-            )
-        self.f, self.g = f, g
-        rows, skips = int(g.attrs["n_rows"]), int(g.attrs["n_skipped"])
-        for name in ("features", "labels", "ids", "split", "index"):
+            return self._discard("its rows do not match its recorded progress (killed while writing)")
+        for name in _ROW_COLUMNS:
             g[name].resize(rows, axis=0)
-        for name in ("ids", "index", "reasons"):
+        for name in _SKIP_COLUMNS:
             g["skipped"][name].resize(skips, axis=0)
         f.flush()
+        self.f, self.g, self._hashers = f, g, hashers
         return True
+
+    def _discard(self, why: str) -> bool:
+        _logger.warning("discarding the interrupted extraction in '%s' (%s); starting over", self.path, why)
+        self.path.unlink()
+        return False
 
     def _create(self, meta: dict, *, dim: int, n_images: int, batch_size: int) -> None:
         try:
@@ -286,7 +309,9 @@ class JournalWriter:
         for k, v in {**asdict(self.store_key), **meta}.items():
             g.attrs[k] = v
         g.attrs["split_names"] = json.dumps(self.split_names)
-        g.attrs.update({"batch_size": batch_size, "next_image": 0, "n_rows": 0, "n_skipped": 0, "complete": False})
+        self._hashers = _column_hashers(g, 0, 0)
+        g.attrs.update({"batch_size": batch_size, "next_image": 0, "n_rows": 0, "n_skipped": 0, "complete": False,
+                        "progress_sha256": _progress_digest(self._hashers, 0, 0, 0)})
         f.flush()
         self.f, self.g = f, g
 
@@ -304,17 +329,26 @@ class JournalWriter:
         """Append one batch's rows and skipped images, then record progress up to ``next_image``."""
         g = self.g
         rows, n = int(g.attrs["n_rows"]), len(features)
+        skips = int(g.attrs["n_skipped"])
         if n:
-            for name, values in (("features", features), ("labels", labels), ("ids", ids), ("split", split_codes), ("index", index)):
+            for name, values in zip(_ROW_COLUMNS, (features, labels, ids, split_codes, index)):
                 g[name].resize(rows + n, axis=0)
                 g[name][rows:] = values
-        skips = int(g.attrs["n_skipped"])
         if skipped:
             s = g["skipped"]
-            for name, col in (("index", 0), ("ids", 1), ("reasons", 2)):
+            for name, col in zip(_SKIP_COLUMNS, (0, 1, 2)):
                 s[name].resize(skips + len(skipped), axis=0)
                 s[name][skips:] = [row[col] for row in skipped]
-        g.attrs.update({"n_rows": rows + n, "n_skipped": skips + len(skipped), "next_image": next_image})
+        self.f.flush()  # rows reach the file before the progress that vouches for them
+        if n:
+            for name in _ROW_COLUMNS:
+                _hash_update(self._hashers[name], g[name], rows, rows + n)
+        if skipped:
+            for name in _SKIP_COLUMNS:
+                _hash_update(self._hashers["skipped/" + name], g["skipped"][name], skips, skips + len(skipped))
+        rows, skips = rows + n, skips + len(skipped)
+        g.attrs.update({"n_rows": rows, "n_skipped": skips, "next_image": next_image,
+                        "progress_sha256": _progress_digest(self._hashers, rows, skips, next_image)})
         self.f.flush()
 
     def commit(self, extra_attrs: dict, *, overwrite: bool = False) -> None:
@@ -329,6 +363,35 @@ class JournalWriter:
             self.f.close()
         except Exception:
             pass
+
+
+def _column_hashers(g: h5py.Group, rows: int, skips: int) -> dict:
+    """sha256 of each row column of ``g`` up to ``rows`` / ``skips``, as stored on disk."""
+    hashers = {}
+    for name in _ROW_COLUMNS:
+        hashers[name] = hashlib.sha256()
+        _hash_update(hashers[name], g[name], 0, rows)
+    for name in _SKIP_COLUMNS:
+        hashers["skipped/" + name] = hashlib.sha256()
+        _hash_update(hashers["skipped/" + name], g["skipped"][name], 0, skips)
+    return hashers
+
+
+def _hash_update(h, ds: h5py.Dataset, start: int, stop: int, block: int = 65536) -> None:
+    """Feed rows ``start:stop`` of ``ds`` to ``h``, read back from the file (what a resume will see)."""
+    for a in range(start, stop, block):
+        values = ds[a : min(stop, a + block)]
+        if values.dtype == object:
+            h.update(b"".join((v if isinstance(v, bytes) else str(v).encode()) + b"\0" for v in values))
+        else:
+            h.update(np.ascontiguousarray(values).tobytes())
+
+
+def _progress_digest(hashers: dict, rows: int, skips: int, next_image: int) -> str:
+    h = hashlib.sha256(f"{rows}:{skips}:{next_image}".encode())
+    for name in sorted(hashers):
+        h.update(f"{name}={hashers[name].hexdigest()};".encode())
+    return h.hexdigest()
 
 
 def commit_group(journal: Path, out: Path, key: str, *, overwrite: bool = False) -> None:
