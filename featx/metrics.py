@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
-__all__ = ["classification_metrics"]
+__all__ = ["classification_metrics", "confusion", "per_class_report"]
 
 
 def classification_metrics(y_true, y_pred, proba=None, *, n_classes: int | None = None) -> dict:
@@ -28,3 +28,13 @@ def classification_metrics(y_true, y_pred, proba=None, *, n_classes: int | None 
 
 def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:
     return confusion_matrix(y_true, y_pred, labels=np.arange(n_classes))
+
+
+def per_class_report(y_true, y_pred, class_names: list[str]) -> list[dict]:
+    """precision, recall, f1 and support of every class (rows in class-index order)."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    labels = np.arange(len(class_names))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    return [{"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i, name in enumerate(class_names)]
