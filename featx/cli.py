@@ -91,6 +91,137 @@ def build_parser() -> argparse.ArgumentParser:
 _EXTRA_COMMANDS: list = []
 
 
+# -- fit-head / evaluate / predict -----------------------------------------------------------
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'") from None
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction between 0 and 1, got '{text}'")
+    return value
+
+
+def _head_param(text: str) -> tuple[str, object]:
+    """NAME=VALUE with VALUE read as JSON when it parses (0.1, 5, null, true), else as a string."""
+    import json
+
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got '{text}'")
+    try:
+        return name.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return name.strip(), value
+
+
+def _print_json_last(obj: dict) -> None:
+    import json
+
+    print(json.dumps(obj, sort_keys=False))
+
+
+def _add_fit_head(sub) -> None:
+    from .heads import HEADS
+
+    p = sub.add_parser("fit-head", help="fit a classifier head on cached embeddings and test it",
+                       description="Fit a head on the training split of a feature store, test it on the test split (or a seeded, "
+                                   "stratified held-out fraction when the store has one split) and save it to HEAD_DIR. "
+                                   "Heads: " + "; ".join(f"{n}: {s.description}" for n, s in HEADS.items()) + ".")
+    p.add_argument("features", metavar="FEATURES.h5", help="feature store written by featx extract")
+    p.add_argument("--head", required=True, metavar="NAME", help=f"one of: {', '.join(HEADS)}")
+    p.add_argument("--out", required=True, metavar="HEAD_DIR", help="folder to save the fitted head in")
+    p.add_argument("--model", metavar="KEY", help="feature group in the store (default: its only one)")
+    p.add_argument("--train-split", metavar="S", help="training split (default: train, or the only split)")
+    p.add_argument("--test-split", metavar="S", help="test split (default: test/val if present, else a held-out fraction of the training split)")
+    p.add_argument("--sweep", action="store_true", help="choose C / alpha / weight decay / k on a validation split, then refit on all training rows")
+    p.add_argument("--param", dest="params", action="append", type=_head_param, default=[], metavar="NAME=VALUE",
+                   help="set a head parameter, e.g. C=0.1, metric=euclidean, max_epochs=50 (repeatable; fixed values are not swept)")
+    std = p.add_mutually_exclusive_group()
+    std.add_argument("--standardize", dest="standardize", action="store_true", default=None, help="standardise features first")
+    std.add_argument("--no-standardize", dest="standardize", action="store_false", help="do not standardise features")
+    l2 = p.add_mutually_exclusive_group()
+    l2.add_argument("--l2-normalize", dest="l2_normalize", action="store_true", default=None, help="L2-normalise features first")
+    l2.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false", help="do not L2-normalise features")
+    p.add_argument("--pca", type=_positive_int, metavar="K", help="reduce features to K dimensions with PCA first")
+    p.add_argument("--class-weight", choices=["balanced"], help="weight classes inversely to their frequency")
+    p.add_argument("--device", default="auto", help="torch heads: auto (CUDA when present), cpu or cuda (default: auto)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.2, help="held-out share when the store has one split (default: 0.2)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.2, help="validation share carved from training rows by --sweep (default: 0.2)")
+    p.add_argument("--seed", type=_non_negative_int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace a different head already in HEAD_DIR")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_fit_head)
+
+
+def cmd_fit_head(args) -> int:
+    from .head_io import FitHeadConfig, fit_head
+
+    config = FitHeadConfig(
+        head=args.head, model=args.model, train_split=args.train_split, test_split=args.test_split, sweep=args.sweep,
+        standardize=args.standardize, l2_normalize=args.l2_normalize, pca=args.pca, params=dict(args.params),
+        class_weight=args.class_weight, device=args.device, test_fraction=args.test_fraction, val_fraction=args.val_fraction,
+        seed=args.seed, overwrite=args.overwrite,
+    )
+    result = fit_head(args.features, config, args.out)
+    print(result.summary())
+    if args.json:
+        _print_json_last(result.to_json())
+    return 0
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix of a saved head",
+                       description="Evaluate a head saved by fit-head on a split of a feature store: accuracy, balanced accuracy, "
+                                   "macro F1, top-5 accuracy (more than 5 classes), a per-class report and a confusion matrix, "
+                                   "written as evaluation-<split>.json and confusion-<split>.png.")
+    p.add_argument("head_dir", metavar="HEAD_DIR")
+    p.add_argument("features", metavar="FEATURES.h5")
+    p.add_argument("--split", metavar="S", help="split to evaluate (default: the head's test split or hold-out)")
+    p.add_argument("--model", metavar="KEY", help="feature group in the store (default: the head's)")
+    p.add_argument("--out-dir", metavar="DIR", help="where to write the JSON and PNG (default: HEAD_DIR)")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .head_io import evaluate_head
+
+    result = evaluate_head(args.head_dir, args.features, split=args.split, model=args.model, out_dir=args.out_dir)
+    print(result.summary())
+    if args.json:
+        _print_json_last(result.to_json())
+    return 0
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="label new images with a saved head and its backbone",
+                       description="Run the backbone recorded in HEAD_DIR (same weights, verified by hash; same preprocessing) "
+                                   "and the head on SOURCE, writing path,label,probability,error[,true_label] per image. "
+                                   "Unreadable images get an empty label and the reason in 'error'; they are never fatal.")
+    p.add_argument("head_dir", metavar="HEAD_DIR")
+    p.add_argument("source", metavar="SOURCE", help="image folder, CSV manifest, 'digits' or 'fashion-mnist[:DIR]'")
+    p.add_argument("--out", required=True, metavar="predictions.csv")
+    p.add_argument("--weights", metavar="PATH", help="the backbone checkpoint, if it moved since extraction (its hash must match)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--workers", type=_non_negative_int, help="decoding workers (default: 1 on CPU, up to 16 on CUDA)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from .head_io import predict_images
+
+    result = predict_images(args.head_dir, args.source, args.out, device=args.device, batch_size=args.batch_size,
+                            workers=args.workers, weights=args.weights, progress=args.progress)
+    print(result.summary())
+    return 0
+
+
+_EXTRA_COMMANDS += [_add_fit_head, _add_evaluate, _add_predict]
+
+
 # -- finetune --------------------------------------------------------------------------------
 def _number(text: str) -> float:
     try:
@@ -152,7 +283,10 @@ def cmd_finetune(args) -> int:
         device=args.device, precision=args.precision, channels_last=args.channels_last, workers=args.workers,
         export=args.export, resume=args.resume, overwrite=args.overwrite, progress=args.progress,
     )
-    result = finetune(args.source, config, args.out)
+    try:
+        result = finetune(args.source, config, args.out)
+    except KeyboardInterrupt:  # finetune has logged which epochs are saved and how to resume
+        return 130
     print(result.summary())
     if args.json:
         print(result.to_json())

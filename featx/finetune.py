@@ -59,7 +59,7 @@ from .sources import ImageSource, resolve_source
 
 __all__ = [
     "FinetuneConfig", "FinetuneResult", "finetune", "model_stages", "apply_freeze", "parse_freeze",
-    "linear_head_from_dir", "export_model", "RUN_FILE", "EVAL_SPLITS",
+    "linear_head_from_dir", "export_model", "build_optimizer", "RUN_FILE", "EVAL_SPLITS",
 ]
 
 _logger = logging.getLogger(__name__)
@@ -211,72 +211,46 @@ def _train_mode(model: torch.nn.Module) -> None:
 
 
 # -- initial head from `featx fit-head` --------------------------------------------------------
-def linear_head_from_dir(head_dir: str | Path, class_names: list[str], num_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_head_from_dir(head_dir: str | Path, class_names: list[str], num_features: int, *, model: str | None = None,
+                         weights_sha256: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight [K, D], bias [K]) of a linear head fitted by ``featx fit-head``, rows in ``class_names`` order.
 
     Linear preprocessing (standardising, PCA) is folded into the weights; heads that are not
-    linear in the features (kNN, RBF SVM, MLP, L2 normalisation) are refused.
+    linear in the features (kNN, nearest class mean, RBF SVM, MLP, L2 normalisation) are refused.
+    A head fitted on another model's features is refused; on other weights of the same model,
+    a warning.
     """
-    head, meta = _load_head(Path(head_dir))
-    weight, bias, classes = heads_linear_map(head)
-    names = meta.get("class_names") or class_names
-    integer = np.issubdtype(np.asarray(classes).dtype, np.integer)
-    head_names = [names[int(c)] if integer else str(c) for c in classes]
-    dim = int(meta.get("num_features") or meta.get("feature_dim") or weight.shape[1])
+    from .head_io import load_head
+
+    loaded = load_head(head_dir)
+    meta, backbone = loaded.meta, loaded.meta.get("backbone") or {}
+    if model is not None and backbone.get("model") not in (None, model):
+        raise FeatxError(f"--init-head '{head_dir}' was fitted on features of '{backbone.get('model')}', not '{model}'; "
+                         f"fit a head on '{model}' features (featx extract, then featx fit-head)")
+    if weights_sha256 is not None and backbone.get("weights_sha256") not in (None, weights_sha256):
+        _logger.warning("--init-head '%s' was fitted on features of other weights of this model; it is a weaker start", head_dir)
+    weight, bias, classes = heads_linear_map(loaded.pipeline)
+    names = list(meta.get("class_names") or class_names)
+    head_names = [names[int(c)] for c in classes]
+    dim = int(meta.get("feature_dim") or weight.shape[1])
     if dim != num_features or weight.shape[1] != num_features:
         raise FeatxError(f"--init-head '{head_dir}' was fitted on {dim}-dimensional features but this backbone gives "
                          f"{num_features}; fit the head on features of the same --model")
     missing = sorted(set(class_names) - set(head_names))
     if missing or len(head_names) != len(class_names):
-        raise FeatxError(f"--init-head '{head_dir}' knows classes {head_names[:6]}... but the source has {class_names[:6]}...; "
-                         f"{'missing ' + ', '.join(missing[:5]) if missing else 'class counts differ'}. Fit the head on features of this source")
+        raise FeatxError(f"--init-head '{head_dir}' knows {len(head_names)} classes ({', '.join(head_names[:5])}...), the source has "
+                         f"{len(class_names)} ({', '.join(class_names[:5])}...)"
+                         + (f"; missing {', '.join(missing[:5])}" if missing else "")
+                         + ". Fit the head on features of this source, with every class in its training split")
     order = [head_names.index(c) for c in class_names]
     return torch.as_tensor(weight[order], dtype=torch.float32), torch.as_tensor(bias[order], dtype=torch.float32)
 
 
-def _load_head(head_dir: Path):
-    """(fitted head, sidecar dict) from a `featx fit-head` folder: a JSON sidecar plus a joblib or torch file."""
-    if not head_dir.is_dir():
-        raise FeatxError(f"--init-head '{head_dir}' is not a folder; pass the HEAD_DIR written by featx fit-head")
-    sidecars = sorted(head_dir.glob("*.json"))
-    if not sidecars:
-        raise FeatxError(f"--init-head '{head_dir}' holds no JSON sidecar; pass the HEAD_DIR written by featx fit-head")
-    try:
-        meta = json.loads(sidecars[0].read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FeatxError(f"cannot read head sidecar '{sidecars[0]}': {e}") from None
-    files = sorted(head_dir.glob("*.joblib")) or sorted(head_dir.glob("*.pt")) + sorted(head_dir.glob("*.pth"))
-    if not files:
-        raise FeatxError(f"--init-head '{head_dir}' holds no fitted head (.joblib or .pt)")
-    try:
-        if files[0].suffix == ".joblib":
-            import joblib
-
-            head = joblib.load(files[0])  # joblib files must come from a trusted source
-        else:
-            head = torch.load(files[0], map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise FeatxError(f"cannot load head '{files[0]}': {type(e).__name__}: {e}") from None
-    return head, meta
-
-
 def heads_linear_map(head) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(W [K, D], b [K], class labels [K]) with ``logits = x @ W.T + b`` on raw features."""
-    if isinstance(head, dict):  # a torch-linear state dict: coef/weight [K, D], intercept/bias [K]
-        tensors = {k.rpartition(".")[2]: v for k, v in head.items() if isinstance(v, torch.Tensor)}
-        weight = tensors.get("coef", tensors.get("weight"))
-        if weight is None or weight.ndim != 2 or len(tensors) > 2:
-            raise FeatxError("--init-head: the torch head is not a single linear layer (coef/weight [K, D]); "
-                             "only linear heads (logreg, linear-svm, ridge, torch-linear) can initialise the classifier")
-        bias = tensors.get("intercept", tensors.get("bias"))
-        W = weight.double().numpy()
-        return W, bias.double().numpy() if bias is not None else np.zeros(W.shape[0]), np.arange(W.shape[0])
     steps = [s for _, s in head.steps] if hasattr(head, "steps") else [head]
     *transforms, final = steps
-    final = getattr(final, "linear_head_", None) or final
-    if hasattr(final, "linear_map"):  # featx torch heads expose their affine map
-        W, b = (np.asarray(a, dtype=np.float64) for a in final.linear_map())
-    elif hasattr(final, "coef_") and hasattr(final, "intercept_"):
+    if hasattr(final, "coef_") and hasattr(final, "intercept_"):  # scikit-learn linear models and featx's torch-linear
         W = np.atleast_2d(np.asarray(final.coef_, dtype=np.float64))
         b = np.atleast_1d(np.asarray(final.intercept_, dtype=np.float64))
     else:
@@ -473,6 +447,22 @@ class WarmupCosine:
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
+def build_optimizer(model: torch.nn.Module, config: FinetuneConfig, total_steps: int):
+    """AdamW over the trainable parameters (timm's layer-wise lr decay groups) and its warm-up + cosine schedule.
+
+    Group ``g`` gets ``lr * lr_scale_g``; timm's ``lr_scale`` is ``layer_decay ** (depth from the head)``
+    over its fine parameter groups, so the head trains at ``lr`` and the stem slowest.
+    """
+    from timm.optim import create_optimizer_v2
+
+    layer_decay = config.layer_decay if config.layer_decay not in (None, 1.0) else None
+    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay, layer_decay=layer_decay)
+    for group in optimizer.param_groups:
+        group["lr"] = config.lr * group.get("lr_scale", 1.0)
+    schedule = WarmupCosine(total_steps, int(round(config.warmup * total_steps)), config.min_lr_ratio)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 # -- the run ---------------------------------------------------------------------------------
 def _validate(config: FinetuneConfig) -> None:
     parse_freeze(config.freeze)
@@ -509,7 +499,8 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
     num_features = info.num_features
     model.reset_classifier(n_classes)  # after loading: positional loading needs the headless model
     if config.init_head:
-        weight, bias = linear_head_from_dir(config.init_head, src.class_names, num_features)
+        weight, bias = linear_head_from_dir(config.init_head, src.class_names, num_features, model=config.model,
+                                            weights_sha256=info.weights_sha256)
         classifier = model.get_classifier()
         if not isinstance(classifier, torch.nn.Linear) or tuple(classifier.weight.shape) != tuple(weight.shape):
             raise FeatxError(f"--init-head: '{config.model}' has no plain linear classifier of shape {tuple(weight.shape)} to initialise")
@@ -554,14 +545,7 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
     steps_per_epoch = len(train_loader)
     total_steps = steps_per_epoch * config.epochs
 
-    from timm.optim import create_optimizer_v2
-
-    layer_decay = config.layer_decay if config.layer_decay not in (None, 1.0) else None
-    optimizer = create_optimizer_v2(model, opt="adamw", lr=config.lr, weight_decay=config.weight_decay, layer_decay=layer_decay)
-    for group in optimizer.param_groups:
-        group["lr"] = config.lr * group.get("lr_scale", 1.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, WarmupCosine(total_steps, int(round(config.warmup * total_steps)), config.min_lr_ratio))
+    optimizer, scheduler = build_optimizer(model, config, total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     criterion = torch.nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
 

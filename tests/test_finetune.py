@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 
-import joblib
 import numpy as np
 import pytest
 import timm
@@ -19,13 +18,24 @@ from timm.data import create_transform, resolve_model_data_config
 from featx.backbones import create_backbone
 from featx.cli import main
 from featx.errors import FeatxError
-from featx.finetune import FinetuneConfig, apply_freeze, finetune, heads_linear_map, linear_head_from_dir, model_stages
+from featx.finetune import (
+    FinetuneConfig, WarmupCosine, apply_freeze, build_optimizer, finetune, heads_linear_map, linear_head_from_dir, model_stages,
+)
 from featx.sources import resolve_source
 
 from conftest import make_image_folder
 
 HEADS_SCHEMA = ("head", "model", "accuracy", "balanced_accuracy", "macro_f1", "n_train", "n_test", "fit_seconds")
 FAST = dict(img_size=32, batch_size=8, workers=0, progress=False)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads; one keeps the tests fast on a shared 2-core CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def _headed(name: str, n_classes: int = 3) -> torch.nn.Module:
@@ -210,53 +220,58 @@ def test_linear_map_folds_preprocessing_into_the_weights(steps, n_classes):
         heads_linear_map(Pipeline([("l2", Normalizer())] + steps + [("head", LogisticRegression())]).fit(X, y))
 
 
-def _features(data, model_name):
-    model, _ = create_backbone(model_name, img_size=32)
-    tf = create_transform(**resolve_model_data_config(model, args={"input_size": (3, 32, 32)}), is_training=False)
-    src = resolve_source(data)
-    with torch.inference_mode():
-        X = model.eval()(torch.stack([tf(src.load(i)) for i in range(len(src))])).numpy()
-    return X, src
+@pytest.fixture(scope="module")
+def features(data, tmp_path_factory):
+    """test_resnet features of ``data`` cached by featx extract (32 px, fp32)."""
+    out = tmp_path_factory.mktemp("feat") / "features.h5"
+    assert main(["extract", str(data), "--model", "test_resnet", "--img-size", "32", "--out", str(out), "--workers", "0",
+                 "--no-progress"]) == 0
+    return out
 
 
-def _write_head_dir(path, pipe, class_names, dim):
-    path.mkdir(parents=True)
-    joblib.dump(pipe, path / "head.joblib")
-    (path / "head.json").write_text(json.dumps({"head": "logreg", "model": "test_resnet", "class_names": class_names,
-                                                "num_features": dim}))
-    return path
+def _fit(features, tmp_path, head: str, **kwargs):
+    from featx.head_io import FitHeadConfig, fit_head, load_head
+
+    out = tmp_path / "-".join([head, *map(str, kwargs)])
+    fit_head(features, FitHeadConfig(head=head, **kwargs), out)
+    return out, load_head(out)
 
 
-def test_init_head_starts_from_the_fitted_linear_probe(data, tmp_path):
-    X, src = _features(data, "test_resnet")
-    train = np.array([s == "train" for s in src.splits])
-    pipe = Pipeline([("standardize", StandardScaler()), ("head", LogisticRegression(max_iter=2000))]).fit(X[train], src.labels[train])
-    # class names in a different order than the source: rows are permuted to match
-    shuffled = [src.class_names[i] for i in (2, 0, 1)]
-    head_dir = _write_head_dir(tmp_path / "head", pipe, shuffled, X.shape[1])
-    weight, bias = linear_head_from_dir(head_dir, shuffled, X.shape[1])
-    logits = torch.from_numpy(X).float() @ weight.T + bias
-    assert np.allclose(logits.softmax(1).numpy(), pipe.predict_proba(X), atol=1e-4)
+@pytest.mark.parametrize("head", ["logreg", "torch-linear"])
+def test_init_head_starts_from_the_fitted_linear_probe(data, features, tmp_path, head):
+    from featx.store import load_features
 
-    head_dir = _write_head_dir(tmp_path / "head2", pipe, src.class_names, X.shape[1])
+    head_dir, loaded = _fit(features, tmp_path, head)
+    test = load_features(features, "test_resnet", "test")
+    weight, bias = linear_head_from_dir(head_dir, loaded.class_names, test.X.shape[1], model="test_resnet")
+    logits = torch.from_numpy(test.X).float() @ weight.T + bias
+    assert np.allclose(logits.softmax(1).numpy(), loaded.scores(test.X), atol=1e-4)
+    # class names in another order than the head's: rows follow the caller's order
+    names = loaded.class_names[::-1]
+    weight2, bias2 = linear_head_from_dir(head_dir, names, test.X.shape[1])
+    assert torch.equal(weight2, weight.flip(0)) and torch.equal(bias2, bias.flip(0))
+
     config = FinetuneConfig(model="test_resnet", freeze="all", init_head=str(head_dir), lr=1e-12, epochs=1, **FAST)
     result = finetune(str(data), config, tmp_path / "run")
     assert result.metrics["head"] == "finetune:all+init-head"
-    assert result.metrics["accuracy"] == pytest.approx(pipe.score(X[~train], src.labels[~train]))
+    assert result.metrics["accuracy"] == pytest.approx(float((loaded.pipeline.predict(test.X) == test.y).mean()))
 
 
-def test_init_head_refuses_nonlinear_or_mismatched_heads(data, tmp_path):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    X, src = _features(data, "test_resnet")
-    knn = _write_head_dir(tmp_path / "knn", Pipeline([("head", KNeighborsClassifier(3))]).fit(X, src.labels), src.class_names, X.shape[1])
+def test_init_head_refuses_nonlinear_or_mismatched_heads(data, features, tmp_path):
+    knn, _ = _fit(features, tmp_path, "knn")
     with pytest.raises(FeatxError, match="not linear"):
-        linear_head_from_dir(knn, src.class_names, X.shape[1])
-    lin = _write_head_dir(tmp_path / "lin", LogisticRegression().fit(X, src.labels), src.class_names, X.shape[1])
+        linear_head_from_dir(knn, ["class0", "class1", "class2"], 32)
+    l2, _ = _fit(features, tmp_path, "logreg", l2_normalize=True)
+    with pytest.raises(FeatxError, match="Normalizer"):
+        linear_head_from_dir(l2, ["class0", "class1", "class2"], 32)
+    lin, loaded = _fit(features, tmp_path, "logreg")
+    dim = loaded.meta["feature_dim"]
     with pytest.raises(FeatxError, match="same --model"):
-        linear_head_from_dir(lin, src.class_names, X.shape[1] + 1)
+        linear_head_from_dir(lin, loaded.class_names, dim + 1)
     with pytest.raises(FeatxError, match="classes"):
-        linear_head_from_dir(lin, ["a", "b", "c"], X.shape[1])
+        linear_head_from_dir(lin, ["a", "b", "c"], dim)
+    with pytest.raises(FeatxError, match="not 'test_vit'"):
+        linear_head_from_dir(lin, loaded.class_names, dim, model="test_vit")
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -305,3 +320,17 @@ def test_out_of_memory_names_the_fix(data, tmp_path, monkeypatch):
     monkeypatch.setattr(ft, "_train_epoch", oom)
     with pytest.raises(FeatxError, match="smaller --batch-size"):
         finetune(str(data), FinetuneConfig(model="test_resnet", epochs=1, **FAST), tmp_path / "run")
+
+
+def test_optimizer_uses_layer_decay_over_trainable_parameters_and_warmup_cosine():
+    model = _headed("test_resnet")
+    apply_freeze(model, "stages:2")
+    optimizer, scheduler = build_optimizer(model, FinetuneConfig(model="test_resnet", lr=1e-2, layer_decay=0.5, warmup=0.2), 10)
+    ids = {id(p): n for n, p in model.named_parameters()}
+    lr_of = {ids[id(p)]: g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert set(lr_of) == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert lr_of["fc.weight"] == pytest.approx(1e-2 / 3)  # warm-up step 0 of 2: 1/3 of the peak
+    assert lr_of["layer4.0.conv1.weight"] == pytest.approx(lr_of["fc.weight"] * 0.5)
+    assert lr_of["layer3.0.conv1.weight"] == pytest.approx(lr_of["fc.weight"] * 0.25)
+    scale = WarmupCosine(total=10, warmup=2)
+    assert [round(scale(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
