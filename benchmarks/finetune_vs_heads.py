@@ -3,7 +3,7 @@
 For each data set (CIFAR-10 from ../shared/data, Fashion-MNIST from the Debian package) this
 runs, on the same images and resolution:
 
-1. frozen head: ``featx extract`` features + logistic regression (featx's ``logreg`` head);
+1. frozen head: ``featx extract`` features + ``featx fit-head --head logreg`` (standardise + logistic regression);
    the best head of ``benchmarks/heads.py`` is shown too when its cached results match;
 2. head-only training (``--freeze all``);
 3. last-stages fine-tune (``--freeze stages:2``);
@@ -25,12 +25,10 @@ import argparse
 import json
 import logging
 import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 
-import joblib
 import numpy as np
 import torch
 
@@ -39,10 +37,8 @@ from _common import CACHE, CIFAR_TAR, cifar10_dir, command_line, lite0_weights, 
 
 from featx.extract import ExtractConfig, extract, resolve_device  # noqa: E402
 from featx.finetune import FinetuneConfig, finetune  # noqa: E402
-from featx.heads import make_head  # noqa: E402
-from featx.metrics import classification_metrics  # noqa: E402
+from featx.head_io import FitHeadConfig, fit_head  # noqa: E402
 from featx.sources import ImageSource, resolve_source  # noqa: E402
-from featx.store import load_features  # noqa: E402
 
 MODEL = "tf_efficientnet_lite0"
 WORK = CACHE / "finetune_vs_heads"
@@ -64,28 +60,17 @@ def subset(src: ImageSource, per_class: dict[str, int | None], seed: int = 0) ->
 
 
 def frozen_head(src: ImageSource, name: str, args, device: str) -> tuple[dict, Path, float]:
-    """Extract features, fit featx's logreg head; returns (metrics, head dir, seconds incl. extraction)."""
+    """``featx extract`` + ``featx fit-head --head logreg``; returns (metrics, head dir, seconds incl. extraction)."""
     t0 = time.perf_counter()
     store = WORK / f"{name}-{args.img_size}.h5"
     store.unlink(missing_ok=True)  # timed from scratch, like the fine-tune runs
     extract(src, ExtractConfig(model=MODEL, weights=lite0_weights(), img_size=args.img_size, device=device,
                                batch_size=args.batch_size * 2, workers=args.workers, progress=not args.no_progress), store)
     t_extract = time.perf_counter() - t0
-    train, test = load_features(store, MODEL, "train"), load_features(store, MODEL, "test")
-    t1 = time.perf_counter()
-    head = make_head("logreg", random_state=0, device=device).fit(train.X, train.y)
-    fit_seconds = time.perf_counter() - t1
-    proba = head.predict_proba(test.X)
-    metrics = classification_metrics(test.y, head.classes_[proba.argmax(1)], proba, n_classes=len(src.class_names))
-    seconds = time.perf_counter() - t0
     head_dir = WORK / f"{name}-{args.img_size}-logreg"
-    shutil.rmtree(head_dir, ignore_errors=True)
-    head_dir.mkdir(parents=True)
-    joblib.dump(head, head_dir / "head.joblib")
-    (head_dir / "head.json").write_text(json.dumps({"head": "logreg", "model": MODEL, "class_names": train.class_names,
-                                                    "num_features": int(train.X.shape[1])}))
-    metrics.update(head="logreg (frozen)", n_train=len(train), n_test=len(test), fit_seconds=fit_seconds,
-                   extract_seconds=t_extract, wall_seconds=seconds)
+    fitted = fit_head(store, FitHeadConfig(head="logreg", model=MODEL, device=device, seed=args.seed, overwrite=True), head_dir)
+    seconds = time.perf_counter() - t0
+    metrics = {**fitted.to_json(), "extract_seconds": t_extract, "wall_seconds": seconds, "head": "logreg (frozen)"}
     return metrics, head_dir, seconds
 
 
