@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -243,15 +244,20 @@ class JournalWriter:
             self._create(meta, dim=dim, n_images=n_images, batch_size=batch_size)
 
     # -- opening -------------------------------------------------------------------------
-    def _open_existing(self, n_images: int) -> bool:
-        try:
-            f = h5py.File(self.path, "a")
-        except BlockingIOError:
-            raise FeatxError(f"another featx process is writing '{self.path}'; wait for it to finish") from None
-        except OSError as e:
-            if "unable to lock file" in str(e).lower():  # not a substring test on "lock": "sblock" is in HDF5 errors
-                raise FeatxError(f"another featx process is writing '{self.path}'; wait for it to finish") from None
-            return self._discard(f"unreadable ({str(e).splitlines()[0][:120]})")
+    def _open_existing(self, n_images: int, lock_wait_s: float = 15.0) -> bool:
+        deadline = time.monotonic() + lock_wait_s
+        while True:
+            try:
+                f = h5py.File(self.path, "a")
+                break
+            except OSError as e:
+                # not a substring test on "lock": "sblock" appears in HDF5's corruption errors
+                if not isinstance(e, BlockingIOError) and "unable to lock file" not in str(e).lower():
+                    return self._discard(f"unreadable ({str(e).splitlines()[0][:120]})")
+                # the lock is shared with the decoding workers a killed run forked; they exit within seconds
+                if time.monotonic() > deadline:
+                    raise FeatxError(f"another featx process is writing '{self.path}'; wait for it to finish") from None
+                time.sleep(0.5)
         try:
             g = f.get(self.key)
             if g is None or "features" not in g or "progress_sha256" not in g.attrs:
