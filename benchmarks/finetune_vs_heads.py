@@ -16,7 +16,11 @@ epoch, so the whole script fits in a few minutes on a 2-core CPU; the full run (
 224 px, 5 epochs, bf16) needs a GPU.
 
     python benchmarks/finetune_vs_heads.py --quick
-    python benchmarks/finetune_vs_heads.py            # on a GPU machine
+    python benchmarks/finetune_vs_heads.py            # on a GPU machine, or one data set per call:
+    python benchmarks/finetune_vs_heads.py --datasets cifar10 && python benchmarks/finetune_vs_heads.py --datasets fashion-mnist
+
+Rows are kept per data set (benchmarks/_cache/finetune_vs_heads/rows-*.json), so the table after
+the second call holds both data sets.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,17 +79,42 @@ def frozen_head(src: ImageSource, name: str, args, device: str) -> tuple[dict, P
     return metrics, head_dir, seconds
 
 
-def heads_benchmark_best(dataset: str, img_size: int) -> dict | None:
-    """Best head of benchmarks/heads.py on the same data set and resolution, if its results are cached."""
+def heads_benchmark_best(dataset: str, img_size: int, n_train: int, n_test: int) -> dict | None:
+    """Best head of benchmarks/heads.py on the same images and resolution, if it cached its rows.
+
+    Reads ``HEADS_RESULTS``: a list of rows (or ``{"rows": [...], "img_size": N}``) with at least
+    dataset, head, accuracy; rows of other data sets, sizes, resolutions or raw-pixel features are ignored.
+    """
     if not HEADS_RESULTS.is_file():
         return None
     try:
-        rows = json.loads(HEADS_RESULTS.read_text())
+        doc = json.loads(HEADS_RESULTS.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    rows = [r for r in rows if isinstance(r, dict) and r.get("dataset") == dataset and r.get("img_size") == img_size
-            and r.get("model") == MODEL and "accuracy" in r]
+    rows = doc.get("rows", []) if isinstance(doc, dict) else doc
+    size = doc.get("img_size") if isinstance(doc, dict) else None
+    rows = [r for r in rows if isinstance(r, dict) and "accuracy" in r and r.get("dataset") == dataset
+            and r.get("features", "lite0") == "lite0" and r.get("img_size", size) == img_size
+            and r.get("n_train") == n_train and r.get("n_test") == n_test]
     return max(rows, key=lambda r: r["accuracy"]) if rows else None
+
+
+def warm_up(device: str, img_size: int) -> None:
+    """A few training steps so one-time costs (CUDA context, cuDNN autotuning, allocator) are not timed."""
+    from featx.extract import autocast_context, resolve_precision
+
+    dev = resolve_device(device)
+    model = timm.create_model(MODEL, num_classes=10).to(dev).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.AdamW(model.parameters())
+    x = torch.randn(8, 3, img_size, img_size, device=dev).contiguous(memory_format=torch.channels_last)
+    for _ in range(3):
+        with autocast_context(dev, resolve_precision("auto", dev)):
+            loss = model(x).float().logsumexp(1).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def run_dataset(name: str, src: ImageSource, args, device: str) -> list[dict]:
@@ -92,7 +122,7 @@ def run_dataset(name: str, src: ImageSource, args, device: str) -> list[dict]:
     rows = []
     frozen, head_dir, frozen_seconds = frozen_head(src, name, args, device)
     rows.append({"method": "frozen features + logreg", **frozen})
-    cached = heads_benchmark_best(name, args.img_size)
+    cached = heads_benchmark_best(name, args.img_size, frozen["n_train"], frozen["n_test"])
     if cached:
         rows.append({"method": f"best frozen head of heads.py ({cached.get('head')})", **cached, "from_cache": True})
     common = dict(model=MODEL, weights=lite0_weights(), img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
@@ -112,39 +142,45 @@ def run_dataset(name: str, src: ImageSource, args, device: str) -> list[dict]:
             m["wall_seconds"] += frozen_seconds
         rows.append({"method": label, **m})
         logging.info("%s / %s: accuracy %.4f in %.1f s", name, label, m["accuracy"], m["wall_seconds"])
-    base = frozen["accuracy"]
+    base, base_seconds = frozen["accuracy"], frozen["wall_seconds"]
     for r in rows:
         r["dataset"] = name
         r["gain_points"] = 100 * (r["accuracy"] - base)
-        r["points_per_minute"] = r["gain_points"] / (r["wall_seconds"] / 60) if r.get("wall_seconds") and r is not rows[0] else None
+        timed = r.get("wall_seconds") and r is not rows[0] and not r.get("from_cache")
+        r["points_per_minute"] = r["gain_points"] / (r["wall_seconds"] / 60) if timed else None
+        r["time_ratio"] = r["wall_seconds"] / base_seconds if timed else None
     return rows
 
 
-def markdown(results: list[dict], args, device: torch.device, seconds: float) -> str:
-    unit = "GPU" if device.type == "cuda" else "CPU"
-    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
-    mode = "quick (subset)" if args.quick else "full"
+def markdown(runs: dict, unit: str) -> str:
+    """One table over every data set in ``runs`` ({dataset: {'rows', 'command', 'setup', 'seconds'}})."""
     lines = [
-        "## Fine-tuning vs frozen heads (EfficientNet-Lite0, real ImageNet weights)",
+        "## Fine-tuning vs frozen heads (`benchmarks/finetune_vs_heads.py`, EfficientNet-Lite0, real ImageNet weights)",
         "",
-        f"Command: `{command_line()}` ({mode}; {seconds / 60:.1f} min in all)  ",
-        f"Device: {device} ({hw}); precision {next((r['precision'] for r in results if 'precision' in r), 'n/a')}; "
-        f"{args.img_size} px, {args.epochs} epoch(s), batch {args.batch_size}, AdamW lr {args.lr} (head-only {args.head_lr}), "
-        f"layer decay 0.8, warm-up 10% + cosine, label smoothing 0.1, timm training augmentation.  ",
-        f"Gain = accuracy points over the frozen logreg head on the same images; per {unit}-minute = gain / wall minutes "
-        f"of the method (extraction + fit for the frozen head; for linear-probe-then-fine-tune the probe's time is included).",
-        "",
-        f"| data set | method | train / test | accuracy | wall time | gain (points) | points per {unit}-minute |",
-        "|---|---|---|---:|---:|---:|---:|",
     ]
-    for r in results:
-        ppm = "baseline" if r["method"].startswith("frozen features") else ("-" if r.get("points_per_minute") is None else f"{r['points_per_minute']:+.2f}")
-        wall = f"{r['wall_seconds']:.0f} s" if r.get("wall_seconds") else "(cached)"
-        lines.append(f"| {r['dataset']} | {r['method']} | {r.get('n_train', '?')} / {r.get('n_test', '?')} | {100 * r['accuracy']:.2f}% | "
-                     f"{wall} | {r['gain_points']:+.2f} | {ppm} |")
-    lines += ["", ANCHOR + (" The quick mode trains on a small subset at low resolution for one epoch, so its numbers only show that "
-                            "the pipeline runs and how the methods rank in cost; compare accuracies from a full run."
-                            if args.quick else "")]
+    for name, run in runs.items():
+        lines.append(f"- {name}: `{run['command']}` ({run['seconds'] / 60:.1f} min): {run['setup']}")
+    lines += [
+        "",
+        f"Gain = accuracy points over the frozen logreg head on the same images. Time = wall time of the method "
+        f"(frozen head: extraction + fit; linear probe then fine-tune: the probe's time included), also as a multiple of the "
+        f"frozen head's. Per {unit}-minute = gain / wall minutes.",
+        "",
+        f"| data set | method | train / test | accuracy | wall time | x frozen time | gain (points) | points per {unit}-minute |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, run in runs.items():
+        for r in run["rows"]:
+            frozen = r["method"].startswith("frozen features")
+            ppm = "baseline" if frozen else ("-" if r.get("points_per_minute") is None else f"{r['points_per_minute']:+.2f}")
+            wall = f"{r['wall_seconds']:.0f} s" if r.get("wall_seconds") and not r.get("from_cache") else "(heads.py)"
+            ratio = "1.0" if frozen else ("-" if r.get("time_ratio") is None else f"{r['time_ratio']:.1f}")
+            lines.append(f"| {name} | {r['method']} | {r.get('n_train', '?')} / {r.get('n_test', '?')} | {100 * r['accuracy']:.2f}% | "
+                         f"{wall} | {ratio} | {r['gain_points']:+.2f} | {ppm} |")
+    lines += ["", ANCHOR]
+    if any(run["quick"] for run in runs.values()):
+        lines.append("Quick mode trains on a small subset at low resolution for one epoch: its numbers show that every method runs "
+                     "and what each costs, not the accuracy a full run reaches.")
     return "\n".join(lines)
 
 
@@ -175,9 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device(args.device)
     WORK.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
+    warm_up(str(device), args.img_size)
     results = []
-    for name in args.datasets.split(","):
+    datasets = args.datasets.split(",")
+    dataset_seconds = {}
+    for name in datasets:
         if name == "cifar10":
             src = resolve_source(cifar10_dir(args.cifar_tar))
         elif name == "fashion-mnist":
@@ -185,14 +223,25 @@ def main(argv: list[str] | None = None) -> int:
         else:
             raise SystemExit(f"unknown data set '{name}'; use cifar10 and/or fashion-mnist")
         src = subset(src, {"train": args.train_per_class, "test": args.test_per_class}, seed=args.seed)
+        t_dataset = time.perf_counter()
         results += run_dataset(name, src, args, str(device))
-    text = markdown(results, args, device, time.perf_counter() - t0)
-    (WORK / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    if args.no_write:
-        print(text)
-    else:
+        dataset_seconds[name] = time.perf_counter() - t_dataset
+    # each data set's rows are kept, so full runs can be split over several calls (one data set each)
+    signature = f"{'quick' if quick else 'full'}-{args.img_size}px-{args.epochs}ep-{args.train_per_class}-{args.test_per_class}"
+    store = WORK / f"rows-{signature}.json"
+    runs = json.loads(store.read_text()) if store.exists() else {}
+    hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    precision = next((r["precision"] for r in results if "precision" in r), "n/a")
+    setup = (f"{device} ({hw}), {precision}; {args.img_size} px, {args.epochs} epoch(s), batch {args.batch_size}, AdamW lr {args.lr} "
+             f"(head-only {args.head_lr}), layer decay 0.8, warm-up 10% + cosine, label smoothing 0.1, timm training augmentation")
+    for name in datasets:
+        runs[name] = {"rows": [r for r in results if r["dataset"] == name], "command": command_line(), "setup": setup,
+                      "seconds": dataset_seconds[name], "quick": quick}
+    store.write_text(json.dumps(runs, indent=2, default=str))
+    text = markdown(runs, "GPU" if device.type == "cuda" else "CPU")
+    print(text)
+    if not args.no_write:
         write_section("finetune", text)
-        print(text)
     return 0
 
 
