@@ -59,15 +59,15 @@ from .sources import ImageSource, resolve_source
 
 __all__ = [
     "FinetuneConfig", "FinetuneResult", "finetune", "model_stages", "apply_freeze", "parse_freeze",
-    "linear_head_from_dir", "export_model", "build_optimizer", "RUN_FILE", "EVAL_SPLITS",
+    "linear_head_from_dir", "export_model", "build_optimizer", "RUN_FILE",
 ]
 
 _logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
-EVAL_SPLITS = ("test", "val", "valid", "validation")
 _RUN_FILES = (RUN_FILE, "last.pt", "best.pt", "metrics.json", "last.pt.tmp", "best.pt.tmp")
 # Settings that may differ between an interrupted run and its resumption without changing results.
 _NOT_IDENTITY = ("device", "workers", "progress", "resume", "overwrite", "stop_after")
+_SYNC_EVERY = 20  # training steps between reads of the running loss (each read waits for the device)
 
 
 @dataclass
@@ -311,38 +311,44 @@ def _collate(batch):
 
 
 def _split(src: ImageSource, config: FinetuneConfig) -> tuple[np.ndarray, np.ndarray, str]:
-    """Training and evaluation image indices, and the evaluation split's name."""
+    """Training and evaluation image indices, and a description of the evaluation images.
+
+    The evaluation split is picked as ``featx fit-head`` picks its test split, and without one
+    the held-out part is drawn by the same function from the same labels, so a fine-tune and a
+    head fitted on the same source are scored on the same images (when none is unreadable).
+    """
+    from .head_io import TEST_SPLIT_NAMES, _holdout
+
     splits = np.asarray(src.splits)
     names = src.split_names
     if config.train_split not in names:
         raise FeatxError(f"source '{src.name}' has no '{config.train_split}' split (it has {', '.join(names)}); pass --train-split")
     labeled = src.labels >= 0
     train = np.flatnonzero((splits == config.train_split) & labeled)
-    if config.eval_split is not None:
-        if config.eval_split not in names:
-            raise FeatxError(f"source '{src.name}' has no '{config.eval_split}' split (it has {', '.join(names)}); pass --eval-split")
-        eval_name = config.eval_split
-    else:
-        eval_name = next((s for s in names if s.lower() in EVAL_SPLITS and s != config.train_split), None)
-    if eval_name is not None and eval_name != config.train_split:
+    if len(train) == 0:
+        raise FeatxError(f"the '{config.train_split}' split of '{src.name}' has no labeled images; fine-tuning needs labels")
+    eval_name = config.eval_split
+    if eval_name is None:
+        lower = {n.lower(): n for n in names if n != config.train_split}
+        eval_name = next((lower[n] for n in TEST_SPLIT_NAMES if n in lower), None)
+    elif eval_name not in names:
+        raise FeatxError(f"source '{src.name}' has no '{eval_name}' split (it has {', '.join(names)}); pass another --eval-split")
+    elif eval_name == config.train_split:
+        raise FeatxError(f"--train-split and --eval-split are both '{eval_name}'; leave --eval-split out to hold out part of the training split")
+    if eval_name is not None:
         test = np.flatnonzero((splits == eval_name) & labeled)
+        description = eval_name
     else:
         if not 0 < config.holdout < 1:
             raise FeatxError(f"--holdout must be between 0 and 1, got {config.holdout}")
-        rng = np.random.default_rng(config.seed)
-        held = []
-        for c in np.unique(src.labels[train]):
-            members = train[src.labels[train] == c]
-            k = int(round(config.holdout * len(members))) if len(members) > 1 else 0
-            held += rng.permutation(members)[: max(k, 1 if len(members) > 1 else 0)].tolist()
-        test = np.sort(np.asarray(held, dtype=np.int64))
-        train = np.setdiff1d(train, test)
-        eval_name = f"{config.train_split} (held-out {config.holdout:.0%}, seed {config.seed})"
+        tr, te = _holdout(src.labels[train], config.holdout, config.seed)
+        train, test = train[tr], train[te]
+        description = f"held-out {config.holdout:.0%} of '{config.train_split}', seed {config.seed}"
     if len(np.unique(src.labels[train])) < 2:
-        raise FeatxError(f"the training split of '{src.name}' has {len(train)} labeled images in fewer than 2 classes; fine-tuning needs at least 2")
+        raise FeatxError(f"the training images of '{src.name}' ({len(train)}) are of fewer than 2 classes; fine-tuning needs at least 2")
     if len(test) == 0:
-        raise FeatxError(f"no labeled images to evaluate on in '{src.name}'; pass --eval-split or add labels")
-    return train, test, eval_name
+        raise FeatxError(f"the '{eval_name}' split of '{src.name}' has no labeled images to evaluate on; pass --eval-split")
+    return train, test, description
 
 
 # -- run directory ---------------------------------------------------------------------------
@@ -560,7 +566,7 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
         state = {k: ckpt[k] for k in state}
         _logger.info("resuming '%s' after epoch %d of %d", out, state["epoch"], config.epochs)
     resumed_from = state["epoch"]
-    session_start = time.perf_counter()
+    session_start = t_start
     wall_before = state["wall_seconds"]
     n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     _logger.info("%s: training %d parameter tensors (%s of %s values, freeze=%s) on %s (%s), %d steps per epoch",
@@ -654,10 +660,13 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
 def _train_epoch(model, loader, optimizer, scheduler, scaler, criterion, device, precision, config, epoch, skipped) -> dict:
     _train_mode(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    loss_sum, correct, seen, t0 = 0.0, 0, 0, time.perf_counter()
+    # running sums stay on the device; reading them (progress bar, loss check) syncs every _SYNC_EVERY steps only
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    seen, t0 = 0, time.perf_counter()
     bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=not config.progress, leave=False)
     try:
-        for x, y, _, bad in loader:
+        for step, (x, y, _, bad) in enumerate(loader, 1):
             skipped.update({str(i): r for i, r in bad})
             if x is None or len(y) < 2:  # all images unreadable, or a single one (BatchNorm cannot train on it)
                 scheduler.step()
@@ -669,8 +678,6 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, criterion, device,
             with autocast_context(device, precision):
                 logits = model(x)
                 loss = criterion(logits.float(), y)
-            if not torch.isfinite(loss):
-                raise FeatxError(f"the loss became {loss.item()} in epoch {epoch}; lower --lr or use --precision fp32/bf16")
             scaler.scale(loss).backward()
             if config.clip_grad:
                 scaler.unscale_(optimizer)
@@ -679,18 +686,22 @@ def _train_epoch(model, loader, optimizer, scheduler, scaler, criterion, device,
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
-            loss_sum += loss.item() * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach().double() * len(y)
+            correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
-            rate = seen / max(1e-9, time.perf_counter() - t0)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}", img_s=f"{rate:.1f}", refresh=False)
+            if step % _SYNC_EVERY == 0 or step == len(loader):
+                mean_loss = float(loss_sum) / seen
+                if not math.isfinite(mean_loss):
+                    raise FeatxError(f"the training loss became {mean_loss} in epoch {epoch}; lower --lr, or use --precision bf16 or fp32")
+                rate = seen / max(1e-9, time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", acc=f"{int(correct) / seen:.3f}", img_s=f"{rate:.1f}", refresh=False)
             bar.update()
     finally:
         bar.close()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    return {"train_loss": loss_sum / max(1, seen), "train_accuracy": correct / max(1, seen), "train_images": seen,
+    return {"train_loss": float(loss_sum) / max(1, seen), "train_accuracy": int(correct) / max(1, seen), "train_images": seen,
             "images_per_s": seen / max(1e-9, seconds)}
 
 

@@ -334,3 +334,29 @@ def test_optimizer_uses_layer_decay_over_trainable_parameters_and_warmup_cosine(
     assert lr_of["layer3.0.conv1.weight"] == pytest.approx(lr_of["fc.weight"] * 0.25)
     scale = WarmupCosine(total=10, warmup=2)
     assert [round(scale(s), 4) for s in (0, 1, 2, 6, 10)] == [0.3333, 0.6667, 1.0, 0.5, 0.0]
+
+
+def test_ctrl_c_then_resume_ends_where_the_uninterrupted_run_ends(run, data, tmp_path, monkeypatch, capsys):
+    import featx.finetune as ft
+
+    reference, _ = run
+    original = ft._train_epoch
+
+    def interrupted(*args, **kwargs):
+        stats = original(*args, **kwargs)
+        if args[9] == 2:  # epoch 2 trained (model and RNG moved on) but not yet checkpointed
+            raise KeyboardInterrupt
+        return stats
+
+    args = ["finetune", str(data), "--model", "test_efficientnet", "--out", str(tmp_path / "run"), "--epochs", "2",
+            "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress"]
+    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    assert main(args) == 130
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.setattr(ft, "_train_epoch", original)
+    assert main(args) == 2 and "--resume" in capsys.readouterr().err
+    assert main(args + ["--resume"]) == 0
+    got, want = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "run", reference))
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "eval_loss"):
+        assert got[key] == want[key], key
+    assert [h["train_loss"] for h in got["history"]] == [h["train_loss"] for h in want["history"]]
