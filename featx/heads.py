@@ -65,6 +65,12 @@ def _early_stopping_split(y: np.ndarray, fraction: float | None, seed: int) -> t
     return np.sort(tr), np.sort(va)
 
 
+def auto_epochs(n_rows: int, batch_size: int, *, steps: int = 3000, lo: int = 10, hi: int = 100) -> int:
+    """Epochs for about ``steps`` optimiser steps, within [lo, hi]: many passes over small sets,
+    few over large ones (a linear head on 50k rows converges in ~20 epochs)."""
+    return int(min(hi, max(lo, math.ceil(steps / max(1, math.ceil(n_rows / batch_size))))))
+
+
 def _class_weights(class_weight, y: np.ndarray, classes: np.ndarray) -> np.ndarray:
     """Loss weight per class index for ``class_weight`` (None, 'balanced' or {class label: weight})."""
     n_classes = len(classes)
@@ -94,7 +100,7 @@ def train_linear_heads(
     *,
     lrs: list[float],
     weight_decays: list[float],
-    max_epochs: int = 100,
+    max_epochs: int | None = None,
     batch_size: int = 256,
     patience: int = 20,
     validation_fraction: float | None = 0.1,
@@ -130,6 +136,7 @@ def train_linear_heads(
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     n_tr = len(tr)
     steps_per_epoch = math.ceil(n_tr / batch_size)
+    max_epochs = auto_epochs(n_tr, batch_size) if max_epochs is None else max_epochs
     total = max(1, max_epochs * steps_per_epoch)
     active = torch.ones(H, dtype=torch.bool, device=dev)
     best_W, best_b = W.clone(), b.clone()
@@ -206,6 +213,8 @@ class _TorchHead(ClassifierMixin, BaseEstimator):
     def _validate_common(self) -> None:
         for name in ("max_epochs", "batch_size", "patience"):
             v = getattr(self, name)
+            if name == "max_epochs" and v is None:
+                continue
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
         for name in ("lr",):
@@ -265,7 +274,7 @@ class TorchLinearClassifier(_TorchHead):
     Parameters
     ----------
     lr, weight_decay : AdamW learning rate and (decoupled) weight decay.
-    max_epochs, batch_size : training length and minibatch size.
+    max_epochs, batch_size : training length (None: about 3000 steps, 10 to 100 epochs) and minibatch size.
     patience : epochs without validation improvement before stopping.
     validation_fraction : share of the training rows held out (stratified) for early stopping;
         None or 0 trains on all rows for ``max_epochs``.
@@ -275,7 +284,7 @@ class TorchLinearClassifier(_TorchHead):
     random_state : seed of the validation split and the minibatch order.
     """
 
-    def __init__(self, *, lr: float = 1e-2, weight_decay: float = 1e-4, max_epochs: int = 100, batch_size: int = 256,
+    def __init__(self, *, lr: float = 1e-2, weight_decay: float = 1e-4, max_epochs: int | None = None, batch_size: int = 256,
                  patience: int = 20, validation_fraction: float | None = 0.1, class_weight: str | None = None,
                  device: str = "auto", random_state: int = 0):
         self.lr = lr
@@ -358,7 +367,7 @@ class MLPClassifier(_TorchHead):
     """
 
     def __init__(self, *, hidden_dim: int = 512, dropout: float = 0.1, lr: float = 1e-3, weight_decay: float = 1e-2,
-                 max_epochs: int = 100, batch_size: int = 256, patience: int = 10, validation_fraction: float | None = 0.1,
+                 max_epochs: int | None = None, batch_size: int = 256, patience: int = 10, validation_fraction: float | None = 0.1,
                  class_weight: str | None = None, device: str = "auto", random_state: int = 0):
         self.hidden_dim = hidden_dim
         self.dropout = dropout
@@ -388,11 +397,12 @@ class MLPClassifier(_TorchHead):
             Xt, yt = torch.as_tensor(X[tr], device=dev), torch.as_tensor(y_idx[tr], device=dev)
             cw = torch.as_tensor(_class_weights(self.class_weight, y_idx[tr], self.classes_), device=dev)
             opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            steps = max(1, self.max_epochs * math.ceil(len(tr) / self.batch_size))
+            max_epochs = auto_epochs(len(tr), self.batch_size) if self.max_epochs is None else self.max_epochs
+            steps = max(1, max_epochs * math.ceil(len(tr) / self.batch_size))
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
             best = (-1.0, float("inf"))
             best_state, since, epochs = None, 0, 0
-            for _epoch in range(self.max_epochs):
+            for _epoch in range(max_epochs):
                 net.train()
                 perm = torch.randperm(len(tr), generator=gen).to(dev)
                 for s in range(0, len(tr), self.batch_size):
