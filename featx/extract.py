@@ -122,7 +122,17 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise FeatxError(f"unknown precision '{precision}'; use auto, fp32, bf16 or fp16")
     if precision == "fp16" and device.type == "cpu":
         raise FeatxError("fp16 compute is not supported on CPU; use --precision bf16 or fp32")
+    if precision == "bf16" and device.type == "cpu" and not _cpu_has_bf16():
+        _logger.warning("this CPU has no native bf16: bf16 autocast is emulated and can be far slower than fp32 "
+                        "(over 10x on an AVX2-only CPU); prefer --precision fp32")
     return precision
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return True  # unknown: do not warn
 
 
 def autocast_context(device: torch.device, precision: str):
