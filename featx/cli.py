@@ -46,7 +46,7 @@ def _add_extract(sub) -> None:
     p.add_argument("--img-size", type=_positive_int, help="input resolution (default: the model's)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=_non_negative_int, help="decoding workers (default: 1 on CPU, up to 16 on CUDA)")
+    p.add_argument("--workers", type=_non_negative_int, help="decoding workers (default: 0 on CPU, up to 16 on CUDA)")
     p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                    help="compute precision; auto: bf16 on GPUs that support it, fp32 on CPU")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory format")
