@@ -14,6 +14,7 @@ benchmarks/heads.png (accuracy against fit time).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import platform
 import sys
@@ -33,6 +34,8 @@ from featx.store import FeatureStore  # noqa: E402
 
 MODEL = "tf_efficientnet_lite0"
 
+
+RESULTS_JSON = CACHE / "heads" / "results.json"  # rows of the last run, read by finetune_vs_heads.py
 
 def stratified_subset(src: ImageSource, split: str, n: int | None, seed: int) -> np.ndarray:
     """Indices of ``n`` images of ``split``, equally many per class (all of them when n is None)."""
@@ -165,6 +168,9 @@ def main() -> None:
     if not args.no_write:
         write_section("heads", md)
         plot(rows, HERE / "heads.png")
+        # finetune_vs_heads.py takes its "best frozen head" row from here (same images and resolution only)
+        RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS_JSON.write_text(json.dumps({"img_size": args.img_size, "rows": rows}, indent=1, default=str))
 
 
 def render(rows, compare, extraction, args, n_train, n_test) -> str:

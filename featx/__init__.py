@@ -4,7 +4,9 @@ __version__ = "0.1.0"
 
 from .backbones import BackboneInfo, create_backbone, load_weights, read_checkpoint
 from .errors import BadImage, FeatxError
-from .extract import ExtractConfig, ExtractResult, extract
+from .extract import ExtractConfig, ExtractResult, extract, iter_embeddings
+from .finetune import FinetuneConfig, finetune
+from .head_io import FitHeadConfig, evaluate_head, fit_head, load_head, predict_images
 from .sources import ImageSource, resolve_source
 from .store import FeatureSet, FeatureStore, load_features, open_store
 
@@ -19,6 +21,14 @@ __all__ = [
     "ExtractConfig",
     "ExtractResult",
     "extract",
+    "iter_embeddings",
+    "FinetuneConfig",
+    "finetune",
+    "FitHeadConfig",
+    "evaluate_head",
+    "fit_head",
+    "load_head",
+    "predict_images",
     "ImageSource",
     "resolve_source",
     "FeatureSet",

@@ -317,7 +317,7 @@ def _split(src: ImageSource, config: FinetuneConfig) -> tuple[np.ndarray, np.nda
     the held-out part is drawn by the same function from the same labels, so a fine-tune and a
     head fitted on the same source are scored on the same images (when none is unreadable).
     """
-    from .head_io import TEST_SPLIT_NAMES, _holdout
+    from .head_io import TEST_SPLIT_NAMES, holdout_split
 
     splits = np.asarray(src.splits)
     names = src.split_names
@@ -341,7 +341,7 @@ def _split(src: ImageSource, config: FinetuneConfig) -> tuple[np.ndarray, np.nda
     else:
         if not 0 < config.holdout < 1:
             raise FeatxError(f"--holdout must be between 0 and 1, got {config.holdout}")
-        tr, te = _holdout(src.labels[train], config.holdout, config.seed)
+        tr, te = holdout_split(src.labels[train], config.holdout, config.seed)
         train, test = train[tr], train[te]
         description = f"held-out {config.holdout:.0%} of '{config.train_split}', seed {config.seed}"
     if len(np.unique(src.labels[train])) < 2:

@@ -91,7 +91,7 @@ def _take_rows(fs: FeatureSet, idx: np.ndarray) -> FeatureSet:
                       key=fs.key, attrs=fs.attrs)
 
 
-def _holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def holdout_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(train rows, test rows): a seeded, stratified hold-out of ``fraction`` (plain when a class is too rare)."""
     if not 0 < fraction < 1:
         raise FeatxError(f"--test-fraction must be between 0 and 1, got {fraction}")
@@ -233,7 +233,7 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
     train = _labelled(train, "training", train_split)
     holdout = None
     if test is None:
-        tr, te = _holdout(train.y, config.test_fraction, config.seed)
+        tr, te = holdout_split(train.y, config.test_fraction, config.seed)
         train, test = _take_rows(train, tr), _take_rows(train, te)
         holdout = {"split": train_split, "fraction": config.test_fraction, "seed": config.seed}
         test_desc = f"a seeded stratified {config.test_fraction:.0%} hold-out of '{train_split}'"
@@ -537,7 +537,7 @@ def evaluate_head(head_dir: str | os.PathLike, features: str | os.PathLike, *, s
                 split = meta["holdout"]["split"]
                 fs = store.read(key, split)
                 labelled = np.flatnonzero(fs.y >= 0)
-                rows = labelled[_holdout(fs.y[labelled], meta["holdout"]["fraction"], meta["holdout"]["seed"])[1]]
+                rows = labelled[holdout_split(fs.y[labelled], meta["holdout"]["fraction"], meta["holdout"]["seed"])[1]]
             else:
                 raise FeatxError(f"the head was tested on a hold-out of another image list; choose a split of '{features}' with --split "
                                  f"({', '.join(store.split_names(key))})")
