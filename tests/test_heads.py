@@ -17,16 +17,7 @@ from featx.store import FeatureStore
 FAST = {"torch-linear": {"max_epochs": 40}, "mlp": {"max_epochs": 40, "hidden_dim": 64}}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small matmuls on a shared 2-core machine: one thread avoids OpenMP/BLAS oversubscription."""
-    from threadpoolctl import threadpool_limits
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def blobs(n_per_class=100, n_classes=4, dim=32, spread=1.0, seed=0):
@@ -155,3 +146,16 @@ def test_unknown_head_and_parameter_are_user_errors():
         make_head("svm")
     with pytest.raises(FeatxError, match="has no parameter gamma"):
         make_head("logreg", params={"gamma": 1})
+
+
+def test_auto_early_stopping_only_on_large_training_sets():
+    from featx.heads import AUTO_EARLY_STOPPING_ROWS, _early_stopping_split
+
+    small = np.repeat(np.arange(4), 500)
+    tr, va = _early_stopping_split(small, "auto", 0)
+    assert va is None and len(tr) == len(small)  # whole cosine schedule on small sets
+    large = np.repeat(np.arange(4), AUTO_EARLY_STOPPING_ROWS // 4)
+    tr, va = _early_stopping_split(large, "auto", 0)
+    assert len(va) == AUTO_EARLY_STOPPING_ROWS // 10 and len(np.intersect1d(tr, va)) == 0
+    with pytest.raises(ValueError, match="validation_fraction"):
+        TorchLinearClassifier(validation_fraction="sometimes", device="cpu").fit(small[:, None].astype(np.float32), small)
