@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 from .backbones import BackboneInfo, create_backbone, load_weights, read_checkpoint
 from .errors import BadImage, FeatxError
 from .extract import ExtractConfig, ExtractResult, extract, iter_embeddings
-from .finetune import FinetuneConfig, finetune
+from .finetune import FinetuneConfig
 from .head_io import FitHeadConfig, evaluate_head, fit_head, load_head, predict_images
 from .sources import ImageSource, resolve_source
 from .store import FeatureSet, FeatureStore, load_features, open_store
@@ -23,7 +23,6 @@ __all__ = [
     "extract",
     "iter_embeddings",
     "FinetuneConfig",
-    "finetune",
     "FitHeadConfig",
     "evaluate_head",
     "fit_head",

@@ -205,7 +205,7 @@ def _add_predict(sub) -> None:
     p.add_argument("--weights", metavar="PATH", help="the backbone checkpoint, if it moved since extraction (its hash must match)")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=_non_negative_int, help="decoding workers (default: 1 on CPU, up to 16 on CUDA)")
+    p.add_argument("--workers", type=_non_negative_int, help="decoding workers (default: 0 on CPU, up to 16 on CUDA)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
     p.set_defaults(func=cmd_predict)
 
