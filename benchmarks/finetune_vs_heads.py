@@ -11,8 +11,8 @@ runs, on the same images and resolution:
 5. linear probe, then fine-tune (``--init-head`` from row 1's head, ``--freeze none``).
 
 and writes one table to RESULTS.md: accuracy, wall time, and accuracy points gained over the
-frozen head per device-minute. ``--quick`` runs a small subset at a small resolution for one
-epoch, so the whole script fits in a few minutes on a 2-core CPU; the full run (all images,
+frozen head per device-minute. ``--quick`` runs a small subset at a small resolution for three
+epochs, so the whole script fits in a few minutes on a 2-core CPU; the full run (all images,
 224 px, 5 epochs, bf16) needs a GPU.
 
     python benchmarks/finetune_vs_heads.py --quick
@@ -179,19 +179,19 @@ def markdown(runs: dict, unit: str) -> str:
                          f"{wall} | {ratio} | {r['gain_points']:+.2f} | {ppm} |")
     lines += ["", ANCHOR]
     if any(run["quick"] for run in runs.values()):
-        lines.append("Quick mode trains on a small subset at low resolution for one epoch: its numbers show that every method runs "
+        lines.append("Quick mode trains on a small subset at low resolution for a few epochs: its numbers show that every method runs "
                      "and what each costs, not the accuracy a full run reaches.")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small subset, small images, 1 epoch (a few minutes on a 2-core CPU)")
+    p.add_argument("--quick", action="store_true", help="small subset, small images, 3 epochs (a few minutes on a 2-core CPU)")
     p.add_argument("--datasets", default="cifar10,fashion-mnist")
-    p.add_argument("--train-per-class", type=int, help="training images per class (default: quick 50, full all)")
+    p.add_argument("--train-per-class", type=int, help="training images per class (default: quick 100, full all)")
     p.add_argument("--test-per-class", type=int, help="test images per class (default: quick 30, full all)")
     p.add_argument("--img-size", type=int, help="input resolution (default: quick 64, full 224)")
-    p.add_argument("--epochs", type=int, help="default: quick 1, full 5")
+    p.add_argument("--epochs", type=int, help="default: quick 3, full 5")
     p.add_argument("--batch-size", type=int, help="default: quick 32, full 128")
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr of the fine-tunes")
     p.add_argument("--head-lr", type=float, default=3e-3, help="AdamW peak lr of head-only training")
@@ -203,10 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-write", action="store_true", help="print the table instead of writing RESULTS.md")
     args = p.parse_args(argv)
     quick = args.quick
-    args.train_per_class = args.train_per_class if args.train_per_class is not None else (50 if quick else None)
+    args.train_per_class = args.train_per_class if args.train_per_class is not None else (100 if quick else None)
     args.test_per_class = args.test_per_class if args.test_per_class is not None else (30 if quick else None)
     args.img_size = args.img_size or (64 if quick else 224)
-    args.epochs = args.epochs or (1 if quick else 5)
+    args.epochs = args.epochs or (3 if quick else 5)
     args.batch_size = args.batch_size or (32 if quick else 128)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device(args.device)

@@ -126,6 +126,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / heads.png")
+    p.add_argument("--section", default="heads", help="RESULTS.md section (and PNG name) to write (default: heads)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="heads: %(message)s")
     n_train = args.n_train or (2000 if args.quick else None)
@@ -166,11 +167,12 @@ def main() -> None:
     md = render(rows, compare, extraction, args, n_train, n_test)
     print(md)
     if not args.no_write:
-        write_section("heads", md)
-        plot(rows, HERE / "heads.png")
+        write_section(args.section, md)
+        plot(rows, HERE / f"{args.section}.png")
         # finetune_vs_heads.py takes its "best frozen head" row from here (same images and resolution only)
-        RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS_JSON.write_text(json.dumps({"img_size": args.img_size, "rows": rows}, indent=1, default=str))
+        if args.section == "heads":
+            RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+            RESULTS_JSON.write_text(json.dumps({"img_size": args.img_size, "rows": rows}, indent=1, default=str))
 
 
 def render(rows, compare, extraction, args, n_train, n_test) -> str:
