@@ -274,7 +274,7 @@ def extract(source: str | ImageSource, config: ExtractConfig, out: str | os.Path
         n_rows, n_skipped = int(writer.g.attrs["n_rows"]), int(writer.g.attrs["n_skipped"])
         assert n_rows + n_skipped == len(src), "every image must have a row or a recorded skip"
         seconds = time.perf_counter() - t_start
-        skipped = list(zip(writer.g["skipped"]["ids"].asstr()[:].tolist(), writer.g["skipped"]["reasons"].asstr()[:].tolist()))
+        skipped = writer.skipped()
         writer.commit({"extract_seconds_last_run": seconds, "device": str(device)}, overwrite=config.overwrite)
     except BaseException:
         writer.close()

@@ -54,6 +54,7 @@ from . import __version__
 from .backbones import create_backbone
 from .errors import BadImage, FeatxError
 from .extract import autocast_context, default_workers, resolve_device, resolve_precision
+from .head_io import TEST_SPLIT_NAMES, holdout_split, load_head, write_text_atomic
 from .metrics import classification_metrics
 from .sources import ImageSource, resolve_source
 
@@ -220,8 +221,6 @@ def linear_head_from_dir(head_dir: str | Path, class_names: list[str], num_featu
     A head fitted on another model's features is refused; on other weights of the same model,
     a warning.
     """
-    from .head_io import load_head
-
     loaded = load_head(head_dir)
     meta, backbone = loaded.meta, loaded.meta.get("backbone") or {}
     if model is not None and backbone.get("model") not in (None, model):
@@ -317,8 +316,6 @@ def _split(src: ImageSource, config: FinetuneConfig) -> tuple[np.ndarray, np.nda
     the held-out part is drawn by the same function from the same labels, so a fine-tune and a
     head fitted on the same source are scored on the same images (when none is unreadable).
     """
-    from .head_io import TEST_SPLIT_NAMES, holdout_split
-
     splits = np.asarray(src.splits)
     names = src.split_names
     if config.train_split not in names:
@@ -386,16 +383,10 @@ def _prepare_run_dir(out: Path, config: FinetuneConfig, run_info: dict) -> bool:
         _logger.info("no run to resume in '%s'; starting a new one", out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(out / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True))
+        write_text_atomic(out / RUN_FILE, json.dumps(run_info, indent=2, sort_keys=True))
     except OSError as e:
         raise FeatxError(f"cannot write to --out '{out}': {e}") from None
     return False
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -644,7 +635,7 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
     metrics.pop("n", None)
     export_dir = None
     if finished:
-        _atomic_write_text(out / "metrics.json", json.dumps({**metrics, "history": state["history"],
+        write_text_atomic(out / "metrics.json", json.dumps({**metrics, "history": state["history"],
                                                              "skipped": state["skipped"]}, indent=2, sort_keys=True))
         if config.export != "none":
             export_dir = export_model(out, which=config.export)

@@ -568,12 +568,13 @@ def evaluate_head(head_dir: str | os.PathLike, features: str | os.PathLike, *, s
     doc = {**result.to_json(), "features": str(Path(features).resolve()), "head_dir": str(Path(head_dir).resolve()),
            "per_class": report, "confusion_matrix": cm.tolist(), "class_names": names, "featx_version": __version__,
            "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    _write_atomic(json_path, json.dumps(doc, indent=2) + "\n")
+    write_text_atomic(json_path, json.dumps(doc, indent=2) + "\n")
     _plot_confusion(cm, names, f"{meta['head']} on {key} ({label}): accuracy {metrics['accuracy']:.3f}", png_path)
     return result
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)

@@ -156,8 +156,7 @@ class FeatureStore:
 
     def skipped(self, key: str | None = None) -> list[tuple[str, str]]:
         """(image id, reason) for every image the extraction could not decode."""
-        g = self.file[self.resolve_key(key)]["skipped"]
-        return list(zip(g["ids"].asstr()[:].tolist(), g["reasons"].asstr()[:].tolist()))
+        return _skipped(self.file[self.resolve_key(key)])
 
     def _rows(self, key: str, split: str | None) -> np.ndarray:
         g = self.file[key]
@@ -190,6 +189,11 @@ class FeatureStore:
             key=key,
             attrs={k: _attr(v) for k, v in g.attrs.items()},
         )
+
+
+def _skipped(group: h5py.Group) -> list[tuple[str, str]]:
+    s = group["skipped"]
+    return list(zip(s["ids"].asstr()[:].tolist(), s["reasons"].asstr()[:].tolist()))
 
 
 def _take(ds: h5py.Dataset, idx: np.ndarray) -> np.ndarray:
@@ -329,6 +333,10 @@ class JournalWriter:
     @property
     def batch_size(self) -> int:
         return int(self.g.attrs["batch_size"])
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """(image id, reason) of the images skipped so far."""
+        return _skipped(self.g)
 
     def write_batch(self, next_image: int, features: np.ndarray, index: np.ndarray, ids: list[str], labels: np.ndarray,
                     split_codes: np.ndarray, skipped: list[tuple[int, str, str]]) -> None:
