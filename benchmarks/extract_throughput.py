@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, CIFAR_TAR, cifar10_dir, command_line, lite0_weights, write_section  # noqa: E402
 
 from featx import ExtractConfig, create_backbone, extract, resolve_source  # noqa: E402
-from featx.extract import autocast_context, resolve_device, resolve_precision  # noqa: E402
+from featx.device import autocast_context, resolve_device, resolve_precision  # noqa: E402
 from featx.preprocess import eval_transform  # noqa: E402
 
 MODEL = "tf_efficientnet_lite0"

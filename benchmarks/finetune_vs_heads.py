@@ -40,9 +40,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, CIFAR_TAR, cifar10_dir, command_line, lite0_weights, write_section  # noqa: E402
 
-from featx.extract import ExtractConfig, extract, resolve_device  # noqa: E402
-from featx.finetune import FinetuneConfig, finetune  # noqa: E402
-from featx.head_io import FitHeadConfig, fit_head  # noqa: E402
+from featx import ExtractConfig, FinetuneConfig, FitHeadConfig, extract, finetune, fit_head  # noqa: E402
+from featx.device import resolve_device  # noqa: E402
 from featx.sources import ImageSource, resolve_source  # noqa: E402
 
 MODEL = "tf_efficientnet_lite0"
@@ -75,7 +74,7 @@ def frozen_head(src: ImageSource, name: str, args, device: str) -> tuple[dict, P
     head_dir = WORK / f"{name}-{args.img_size}-logreg"
     fitted = fit_head(store, FitHeadConfig(head="logreg", model=MODEL, device=device, seed=args.seed, overwrite=True), head_dir)
     seconds = time.perf_counter() - t0
-    metrics = {**fitted.to_json(), "extract_seconds": t_extract, "wall_seconds": seconds, "head": "logreg (frozen)"}
+    metrics = {**fitted.to_dict(), "extract_seconds": t_extract, "wall_seconds": seconds, "head": "logreg (frozen)"}
     return metrics, head_dir, seconds
 
 
@@ -101,7 +100,7 @@ def heads_benchmark_best(dataset: str, img_size: int, n_train: int, n_test: int)
 
 def warm_up(device: str, img_size: int) -> None:
     """A few training steps so one-time costs (CUDA context, cuDNN autotuning, allocator) are not timed."""
-    from featx.extract import autocast_context, resolve_precision
+    from featx.device import autocast_context, resolve_precision
 
     dev = resolve_device(device)
     model = timm.create_model(MODEL, num_classes=10).to(dev).to(memory_format=torch.channels_last).train()

@@ -27,7 +27,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, HERE, cifar10_dir, command_line, lite0_weights, write_section  # noqa: E402
 
-from featx.extract import ExtractConfig, extract, resolve_device  # noqa: E402
+from featx import ExtractConfig, extract  # noqa: E402
+from featx.device import resolve_device  # noqa: E402
 from featx.heads import HEADS, grid_of, make_head, sweep  # noqa: E402
 from featx.sources import ImageSource, resolve_source  # noqa: E402
 from featx.store import FeatureStore  # noqa: E402

@@ -18,10 +18,10 @@ import torch
 
 from .errors import FeatxError
 
-__all__ = ["BackboneInfo", "create_backbone", "load_weights", "read_checkpoint", "state_dict_sha256", "file_sha256"]
+__all__ = ["BackboneInfo", "create_backbone", "create_timm_model", "load_weights", "read_checkpoint", "state_dict_sha256",
+           "file_sha256"]
 
 _logger = logging.getLogger(__name__)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 
 
 @dataclass
@@ -61,13 +61,9 @@ def create_backbone(
     _check_model_name(model_name)
     if pretrained and weights is not None:
         raise FeatxError("use either --pretrained or --weights, not both")
-    kwargs = {"num_classes": num_classes}
     torch.manual_seed(seed)  # random-init backbones are reproducible
     try:
-        try:
-            model = timm.create_model(model_name, pretrained=pretrained, **kwargs, **({"img_size": img_size} if img_size else {}))
-        except TypeError:
-            model = timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        model = create_timm_model(model_name, img_size=img_size, pretrained=pretrained, num_classes=num_classes)
     except FeatxError:
         raise
     except Exception as e:  # hub download failures have many types (OSError, HTTP errors, LocalEntryNotFound ...)
@@ -94,6 +90,17 @@ def create_backbone(
         num_features=int(model.num_features if num_classes == 0 else model.num_classes),
     )
     return model, info
+
+
+def create_timm_model(name: str, *, img_size: int | None = None, **kwargs) -> torch.nn.Module:
+    """``timm.create_model``, passing ``img_size`` to the models that take it (ViTs resize their
+    position embeddings); the others are built at their own size."""
+    if img_size:
+        try:
+            return timm.create_model(name, img_size=img_size, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(name, **kwargs)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import FeatxError
-from .extract import ExtractConfig, ExtractResult, extract
-from .head_io import FitHeadConfig, FitHeadResult, fit_head
+from .configs import DemoConfig, ExtractConfig, FitHeadConfig
+from .extraction import ExtractResult, extract
+from .fitting import FitHeadResult, fit_head
 
 __all__ = ["lite0_weights", "run_demo", "DemoResult"]
 
@@ -30,17 +31,35 @@ def lite0_weights() -> str:
 
 @dataclass
 class DemoResult:
+    """The extraction and the fitted head of a demo run."""
+
     extract: ExtractResult
     head: FitHeadResult
+    source: str
+
+    def to_dict(self) -> dict:
+        return {"extract": self.extract.to_dict(), "head": self.head.to_dict(), "source": self.source}
+
+    def summary(self) -> str:
+        m = self.head.metrics
+        return "\n".join([
+            self.extract.summary(),
+            self.head.summary(),
+            f"Accuracy of a '{self.head.head}' head on frozen ImageNet EfficientNet-Lite0 features of '{self.source}': "
+            f"{m['accuracy']:.4f} ({self.head.n_test} test images; balanced accuracy {m['balanced_accuracy']:.4f}, "
+            f"macro F1 {m['macro_f1']:.4f})",
+        ])
 
 
-def run_demo(out_dir: str | Path = "featx-demo", *, source: str = "digits", head: str = "logreg", device: str = "auto",
-             batch_size: int = 64, progress: bool = True) -> DemoResult:
-    """Extract EfficientNet-Lite0 features of ``source`` into ``out_dir``, fit ``head``, test it."""
-    out_dir = Path(out_dir)
+def run_demo(config: DemoConfig | None = None) -> DemoResult:
+    """Extract EfficientNet-Lite0 features of ``config.source`` into ``config.out_dir``, fit ``config.head``, test it."""
+    config = config or DemoConfig()
+    out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     features = out_dir / "features.h5"
-    config = ExtractConfig(model=DEMO_MODEL, weights=lite0_weights(), device=device, batch_size=batch_size, progress=progress)
-    extracted = extract(source, config, features)
-    fitted = fit_head(features, FitHeadConfig(head=head, sweep=True, device=device, overwrite=True), out_dir / f"head-{head}")
-    return DemoResult(extract=extracted, head=fitted)
+    extract_config = ExtractConfig(model=DEMO_MODEL, weights=lite0_weights(), device=config.device, batch_size=config.batch_size,
+                                   progress=config.progress)
+    extracted = extract(config.source, extract_config, features)
+    fitted = fit_head(features, FitHeadConfig(head=config.head, sweep=True, device=config.device, overwrite=True),
+                      out_dir / f"head-{config.head}")
+    return DemoResult(extract=extracted, head=fitted, source=str(config.source))

@@ -15,7 +15,6 @@ import json
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import timm
 import torch
 from PIL import Image
 from timm.data import create_transform, resolve_model_data_config

@@ -20,12 +20,11 @@ from PIL import Image
 
 from .errors import FeatxError
 from .images import open_image
+from .splits import SPLIT_FOLDER_NAMES
 
-__all__ = ["ImageSource", "resolve_source", "IMG_EXTENSIONS", "SPLIT_NAMES"]
+__all__ = ["ImageSource", "resolve_source", "images_source", "IMG_EXTENSIONS"]
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
-# Folder names that mark a split-first layout (SOURCE/<split>/<class>/<image>).
-SPLIT_NAMES = ("train", "training", "val", "valid", "validation", "dev", "test", "testing", "holdout")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -107,6 +106,22 @@ def resolve_source(spec: str | os.PathLike) -> ImageSource:
     raise FeatxError(f"source '{text}' is a file but not a .csv manifest; pass an image folder or a CSV with columns path,label[,split]")
 
 
+def images_source(items) -> ImageSource:
+    """An unlabeled source over image paths, or over in-memory PIL images or uint8 arrays (any sizes)."""
+    items = list(items)
+    n = len(items)
+    if all(isinstance(x, (str, os.PathLike)) for x in items):
+        return ImageSource(name="images", ids=[str(x) for x in items], labels=np.full(n, UNLABELED, dtype=np.int64),
+                           splits=["train"] * n, class_names=[], root=Path("."))
+    arrays = np.empty(n, dtype=object)
+    for i, x in enumerate(items):
+        if not isinstance(x, (Image.Image, np.ndarray)):
+            raise FeatxError(f"item {i} is a {type(x).__name__}; pass image paths, PIL images or uint8 arrays")
+        arrays[i] = np.asarray(x.convert("RGB") if isinstance(x, Image.Image) else x, dtype=np.uint8)
+    return ImageSource(name="images", ids=[f"images/{i}" for i in range(n)], labels=np.full(n, UNLABELED, dtype=np.int64),
+                       splits=["train"] * n, class_names=[], arrays=arrays)
+
+
 def _is_image(p: Path) -> bool:
     return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
 
@@ -117,7 +132,7 @@ def _subdirs(p: Path) -> list[Path]:
 
 def _folder(root: Path) -> ImageSource:
     top = _subdirs(root)
-    split_first = bool(top) and all(d.name.lower() in SPLIT_NAMES for d in top)
+    split_first = bool(top) and all(d.name.lower() in SPLIT_FOLDER_NAMES for d in top)
     entries: list[tuple[str, str, str]] = []  # (relative path, class, split)
     if split_first:
         for split_dir in top:

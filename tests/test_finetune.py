@@ -17,9 +17,10 @@ from timm.data import create_transform, resolve_model_data_config
 from featx.backbones import create_backbone
 from featx.cli import main
 from featx.errors import FeatxError
-from featx.finetune import (
-    FinetuneConfig, WarmupCosine, apply_freeze, build_optimizer, finetune, heads_linear_map, linear_head_from_dir, model_stages,
+from featx.finetuning import (
+    FinetuneConfig, WarmupCosine, apply_freeze, build_optimizer, finetune, linear_head_from_dir, model_stages,
 )
+from featx.heads import heads_linear_map
 from featx.sources import resolve_source
 
 from conftest import make_image_folder
@@ -116,12 +117,32 @@ def test_loss_falls(data, tmp_path):
     assert result.metrics["accuracy"] > 0.5
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_path):
+def _interrupt_at_epoch(monkeypatch, epoch: int, after: bool = False):
+    """Raise KeyboardInterrupt when epoch ``epoch`` starts (or, with ``after``, once it is trained but not yet saved)."""
+    from featx.finetuning._loop import Trainer
+
+    original = Trainer.train_epoch
+
+    def interrupted(self, loader, e, skipped):
+        if e == epoch and not after:
+            raise KeyboardInterrupt
+        stats = original(self, loader, e, skipped)
+        if e == epoch:
+            raise KeyboardInterrupt
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_epoch", interrupted)
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_path, monkeypatch):
     config = FinetuneConfig(model="test_efficientnet", epochs=3, freeze="stages:2", **FAST)  # augmentation on
     full = finetune(str(data), config, tmp_path / "full")
 
-    stopped = finetune(str(data), FinetuneConfig(**{**config.__dict__, "stop_after": 2}), tmp_path / "cut")
-    assert not stopped.finished and stopped.epochs_done == 2
+    _interrupt_at_epoch(monkeypatch, 3)  # stopped after 2 of 3 epochs
+    with pytest.raises(KeyboardInterrupt):
+        finetune(str(data), config, tmp_path / "cut")
+    monkeypatch.undo()
+    assert torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["epoch"] == 2
     assert not (tmp_path / "cut" / "metrics.json").exists()
     resumed = finetune(str(data), FinetuneConfig(**{**config.__dict__, "resume": True}), tmp_path / "cut")
     assert resumed.finished and resumed.resumed_from == 2
@@ -229,7 +250,7 @@ def features(data, tmp_path_factory):
 
 
 def _fit(features, tmp_path, head: str, **kwargs):
-    from featx.head_io import FitHeadConfig, fit_head, load_head
+    from featx import FitHeadConfig, fit_head, load_head
 
     out = tmp_path / "-".join([head, *map(str, kwargs)])
     fit_head(features, FitHeadConfig(head=head, **kwargs), out)
@@ -289,7 +310,7 @@ def test_bad_input_exits_2_with_one_line(run, data, tmp_path, capsys):
         ((data, "--model", "test_resnet", "--out", tmp_path / "r2", "--freeze", "half"), "bad --freeze"),
         ((data, "--model", "test_resnet", "--out", tmp_path / "r3", "--freeze", "stages:9"), "more stages"),
         ((data, "--model", "test_resnett", "--out", tmp_path / "r4"), "did you mean"),
-        ((data, "--model", "test_resnet", "--out", tmp_path / "r5", "--eval-split", "holdout"), "no 'holdout' split"),
+        ((data, "--model", "test_resnet", "--out", tmp_path / "r5", "--eval-split", "holdout"), "no split 'holdout'"),
     ]
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
@@ -311,12 +332,12 @@ def test_overwrite_replaces_a_run(data, tmp_path, capsys):
 
 
 def test_out_of_memory_names_the_fix(data, tmp_path, monkeypatch):
-    import featx.finetune as ft
+    from featx.finetuning._loop import Trainer
 
     def oom(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(ft, "_train_epoch", oom)
+    monkeypatch.setattr(Trainer, "train_epoch", oom)
     with pytest.raises(FeatxError, match="smaller --batch-size"):
         finetune(str(data), FinetuneConfig(model="test_resnet", epochs=1, **FAST), tmp_path / "run")
 
@@ -336,23 +357,13 @@ def test_optimizer_uses_layer_decay_over_trainable_parameters_and_warmup_cosine(
 
 
 def test_ctrl_c_then_resume_ends_where_the_uninterrupted_run_ends(run, data, tmp_path, monkeypatch, capsys):
-    import featx.finetune as ft
-
     reference, _ = run
-    original = ft._train_epoch
-
-    def interrupted(*args, **kwargs):
-        stats = original(*args, **kwargs)
-        if args[9] == 2:  # epoch 2 trained (model and RNG moved on) but not yet checkpointed
-            raise KeyboardInterrupt
-        return stats
-
     args = ["finetune", str(data), "--model", "test_efficientnet", "--out", str(tmp_path / "run"), "--epochs", "2",
             "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress"]
-    monkeypatch.setattr(ft, "_train_epoch", interrupted)
+    _interrupt_at_epoch(monkeypatch, 2, after=True)  # epoch 2 trained (model and RNG moved on) but not yet checkpointed
     assert main(args) == 130
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(ft, "_train_epoch", original)
+    monkeypatch.undo()
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "run", reference))

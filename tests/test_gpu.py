@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from featx.extract import ExtractConfig, extract
+from featx import ExtractConfig, extract
 from featx.heads import TorchLinearClassifier
 from featx.preprocess import DevicePreprocessor, Geometry, eval_transform
 from featx.store import load_features

@@ -10,7 +10,7 @@ from sklearn.model_selection import GridSearchCV, cross_val_score, train_test_sp
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from featx.errors import FeatxError
-from featx.head_io import load_head, save_head
+from featx.head_folder import load_head, save_head
 from featx.heads import HEADS, MLPClassifier, TorchLinearClassifier, grid_of, make_head, predict_scores, sweep, train_linear_heads
 from featx.store import FeatureStore
 
@@ -31,7 +31,7 @@ def blobs(n_per_class=100, n_classes=4, dim=32, spread=1.0, seed=0):
 @pytest.fixture(scope="session")
 def digits_store(tmp_path_factory):
     """scikit-learn digits through a random-init tiny timm model (32 px), extracted once."""
-    from featx.extract import ExtractConfig, extract
+    from featx import ExtractConfig, extract
 
     out = tmp_path_factory.mktemp("digits") / "digits.h5"
     extract("digits", ExtractConfig(model="test_resnet", img_size=32, workers=0, batch_size=256, progress=False), out)
@@ -149,13 +149,13 @@ def test_unknown_head_and_parameter_are_user_errors():
 
 
 def test_auto_early_stopping_only_on_large_training_sets():
-    from featx.heads import AUTO_EARLY_STOPPING_ROWS, _early_stopping_split
+    from featx.heads import AUTO_EARLY_STOPPING_ROWS, early_stopping_split
 
     small = np.repeat(np.arange(4), 500)
-    tr, va = _early_stopping_split(small, "auto", 0)
+    tr, va = early_stopping_split(small, "auto", 0)
     assert va is None and len(tr) == len(small)  # whole cosine schedule on small sets
     large = np.repeat(np.arange(4), AUTO_EARLY_STOPPING_ROWS // 4)
-    tr, va = _early_stopping_split(large, "auto", 0)
+    tr, va = early_stopping_split(large, "auto", 0)
     assert len(va) == AUTO_EARLY_STOPPING_ROWS // 10 and len(np.intersect1d(tr, va)) == 0
     with pytest.raises(ValueError, match="validation_fraction"):
         TorchLinearClassifier(validation_fraction="sometimes", device="cpu").fit(small[:, None].astype(np.float32), small)

@@ -14,7 +14,7 @@ import torch
 
 from conftest import make_image_folder
 from featx.cli import main
-from featx.extract import ExtractConfig, extract
+from featx import ExtractConfig, extract
 from featx.heads import grid_of
 
 REQUIRED = {"head", "model", "accuracy", "balanced_accuracy", "macro_f1", "n_train", "n_test", "fit_seconds"}
@@ -138,7 +138,8 @@ def test_predict_end_to_end(split_folder, tmp_path, capsys, caplog):
                "--workers", 0, "--no-progress")[0] == 0
     rc, out, err = run(capsys, "fit-head", store, "--head", "logreg", "--out", tmp_path / "head", "--json")
     assert rc == 0, err
-    assert json.loads(out.strip().splitlines()[-1])["test_split"] == "split 'test'"
+    fitted = json.loads(out.strip().splitlines()[-1])
+    assert fitted["test_split"] == "test" and fitted["test_split_description"] == "split 'test'"  # values, prose apart
     new = make_image_folder(tmp_path / "new", per_class=3, seed=500)
     (new / "class1" / "broken.png").write_bytes(b"not an image")
     rc, out, err = run(capsys, "predict", tmp_path / "head", new, "--out", tmp_path / "pred.csv", "--workers", 0, "--no-progress")

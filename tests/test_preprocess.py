@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
-from featx.preprocess import DevicePreprocessor, Geometry, eval_transform
+from featx.preprocess import DevicePreprocessor, Geometry
 
 # (model whose timm data config is used, input size override): bicubic and bilinear, crop_pct 0.95 and 0.875
 CONFIGS = [("test_resnet", None), ("test_efficientnet", None), ("tf_efficientnet_lite0", None), ("test_vit", 96)]
@@ -61,8 +61,7 @@ def test_unsupported_transform_gives_none():
 
 
 def test_host_and_device_features_agree():
-    from featx.backbones import create_backbone
-    from featx.extract import iter_embeddings
+    from featx.embedder import ImageEmbedder
     from featx.sources import resolve_source
 
     from conftest import make_image_folder
@@ -72,12 +71,12 @@ def test_host_and_device_features_agree():
 
     with tempfile.TemporaryDirectory() as d:
         src = resolve_source(make_image_folder(Path(d), n_classes=2, per_class=3, size=(70, 50)))
-        model, _ = create_backbone("test_efficientnet")
-        _, tf = eval_transform(model)
         feats = {}
         for mode in ("host", "device"):
-            rows = list(iter_embeddings(src, model, tf, device=torch.device("cpu"), batch_size=4, preprocess=mode, workers=0))
-            feats[mode] = np.concatenate([r[0] for r in rows])
+            embedder = ImageEmbedder("test_efficientnet", device="cpu", batch_size=4, preprocess=mode, workers=0).fit()
+            assert embedder.preprocess_ == mode
+            feats[mode] = np.concatenate([b.features for b in embedder.iter_batches(src)])
+            model = embedder.model_
     a, b = feats["host"], feats["device"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert a.shape == (6, model.num_features) and cos.min() > 0.999

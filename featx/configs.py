@@ -1,0 +1,147 @@
+"""The options of every workflow, as dataclasses: each default is written here and nowhere else.
+
+The command line leaves options the user did not give unset and drops them (timm's
+``create_model`` rule), so these defaults always apply; its ``--help`` reads them from here.
+This module imports neither torch nor scikit-learn, so building the command line stays fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import FeatxError
+
+__all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "DemoConfig", "parse_freeze"]
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``featx extract``; ``None`` means the model's or machine's default."""
+
+    model: str  # timm model name
+    pretrained: bool = False  # timm hub weights (needs internet)
+    weights: str | None = None  # local checkpoint (.pth/.pt/.safetensors)
+    img_size: int | None = None  # input resolution (default: the model's)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
+    batch_size: int = 64  # images per forward pass
+    workers: int | None = None  # decoding workers (default: 0 on CPU, up to 16 on CUDA)
+    precision: str = "auto"  # compute: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True  # NHWC memory format for the forward pass
+    compile: bool = False  # torch.compile the backbone
+    dtype: str = "float32"  # storage dtype of the features: float32 | float16
+    preprocess: str = "auto"  # device (batched resize/crop/normalise) | host (timm's PIL transform) | auto
+    key: str | None = None  # group name in the store (default: the model name)
+    overwrite: bool = False  # replace an existing group made with other settings
+    progress: bool = True  # show a progress bar
+
+
+
+@dataclass
+class FitHeadConfig:
+    """Options of ``featx fit-head``; ``None`` means the head's or the store's default."""
+
+    head: str  # one of featx.heads.HEADS
+    model: str | None = None  # group key in the store (default: its only one)
+    train_split: str | None = None  # training split (default: train, or the only split)
+    test_split: str | None = None  # test split (default: test/val if labelled; the training split's name: a hold-out of it)
+    sweep: bool = False  # choose the regularisation on a validation split carved from the training rows
+    standardize: bool | None = None  # standardise features first (default: the head's choice)
+    l2_normalize: bool | None = None  # L2-normalise features first (default: the head's choice)
+    pca: int | None = None  # reduce features to this many dimensions first
+    params: dict = field(default_factory=dict)  # head parameters, e.g. {'C': 0.1}; fixed values are not swept
+    class_weight: str | None = None  # 'balanced': weight classes inversely to their frequency
+    device: str = "auto"  # torch heads: auto (CUDA when present) | cpu | cuda[:N]
+    test_fraction: float = 0.2  # held-out share when there is no test split
+    val_fraction: float = 0.2  # validation share carved from the training rows by --sweep
+    seed: int = 0  # seed of the hold-out, the validation split and the torch heads
+    overwrite: bool = False  # replace a different head already in the output folder
+
+
+@dataclass
+class PredictConfig:
+    """Options of ``featx predict``."""
+
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
+    batch_size: int = 64  # images per forward pass
+    workers: int | None = None  # decoding workers (default: 0 on CPU, up to 16 on CUDA)
+    weights: str | None = None  # the backbone checkpoint, if it moved since extraction (its hash must match)
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class DemoConfig:
+    """Options of ``featx demo``."""
+
+    out_dir: str = "featx-demo"  # folder for the features and the head
+    source: str = "digits"  # image source (any featx extract SOURCE)
+    head: str = "logreg"  # head to fit, with --sweep
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
+    batch_size: int = 64  # images per forward pass
+    progress: bool = True  # show a progress bar
+
+
+@dataclass
+class FinetuneConfig:
+    """Options of ``featx finetune``; ``None`` means the model's, source's or machine's default."""
+
+    model: str  # timm model name
+    pretrained: bool = False  # timm hub weights (needs internet)
+    weights: str | None = None  # local backbone checkpoint (.pth/.pt/.safetensors)
+    img_size: int | None = None  # input resolution (default: the model's)
+    freeze: str = "none"  # all | stages:N | none
+    init_head: str | None = None  # HEAD_DIR of a linear head fitted by `featx fit-head` on this backbone's features
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 1e-3  # peak AdamW learning rate of the head; backbone layers get lr * layer_decay ** depth
+    weight_decay: float = 0.05  # AdamW weight decay (not applied to biases, norms, tokens)
+    layer_decay: float | None = 0.8  # layer-wise lr decay (timm's grouping); None or 1: same lr everywhere
+    warmup: float = 0.1  # fraction of all optimizer steps spent warming up linearly from 0
+    min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
+    label_smoothing: float = 0.1
+    clip_grad: float | None = 1.0  # max gradient norm; 0 or None: no clipping
+    augment: bool = True  # timm's training transform (create_transform(is_training=True)); False: eval transform
+    train_split: str | None = None  # training split (default: train, or the only split)
+    eval_split: str | None = None  # None: test/val/valid if present, else a held-out part of the training split
+    holdout: float = 0.2  # held-out fraction of the training split when the source has no evaluation split
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda[:N]
+    precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: bool = True
+    workers: int | None = None  # DataLoader workers; None: 1 on CPU, up to 16 on CUDA
+    export: str = "last"  # which weights go to RUN_DIR/export: last | best | none
+    resume: bool = False  # continue the run in RUN_DIR from last.pt
+    overwrite: bool = False  # replace the run in RUN_DIR
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`FeatxError` naming the first option out of range."""
+        parse_freeze(self.freeze)
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise FeatxError(f"--{name.replace('_', '-')} must be at least 1")
+        if not self.lr > 0:
+            raise FeatxError(f"--lr must be positive, got {self.lr}")
+        if self.layer_decay is not None and not 0 < self.layer_decay <= 1:
+            raise FeatxError(f"--layer-decay must be in (0, 1], got {self.layer_decay}")
+        if not 0 <= self.warmup < 1:
+            raise FeatxError(f"--warmup is a fraction of the training steps in [0, 1), got {self.warmup}")
+        if not 0 <= self.label_smoothing < 1:
+            raise FeatxError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.export not in ("last", "best", "none"):
+            raise FeatxError(f"--export must be last, best or none, got '{self.export}'")
+        if not 0 < self.holdout < 1:
+            raise FeatxError(f"--holdout must be between 0 and 1, got {self.holdout}")
+        if self.pretrained and self.weights:
+            raise FeatxError("use either --pretrained or --weights, not both")
+
+
+def parse_freeze(spec: str) -> tuple[str, int]:
+    """``'all' | 'none' | 'stages:N'`` -> (mode, N)."""
+    text = str(spec).strip().lower()
+    if text in ("all", "none"):
+        return text, 0
+    if text.startswith("stages:"):
+        n = text.partition(":")[2]
+        if n.isdigit():
+            return "stages", int(n)
+    raise FeatxError(f"bad --freeze '{spec}'; use all (head only), stages:N (also the last N stages) or none (everything)")

@@ -1,0 +1,199 @@
+"""Images in, embeddings out: a frozen timm backbone with its own preprocessing, as one object.
+
+:class:`ImageEmbedder` is what extraction, prediction and fine-tuning build their backbone
+with, and it is a scikit-learn transformer on images::
+
+    make_pipeline(ImageEmbedder("tf_efficientnet_lite0", weights="lite0.pth"), LogisticRegression())
+
+fitted on a list of image paths, PIL images or an :class:`~featx.sources.ImageSource`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
+
+from .backbones import create_backbone
+from .device import autocast_context, inference_workers, keep_freed_memory, resolve_device, resolve_precision
+from .errors import FeatxError
+from .loading import fixed_grid_loader
+from .preprocess import DevicePreprocessor, Geometry, eval_transform
+from .sources import ImageSource, images_source
+
+__all__ = ["ImageEmbedder", "EmbeddedBatch", "pooling_name"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbeddedBatch:
+    """One batch of the fixed grid: rows for the readable images, reasons for the others."""
+
+    features: np.ndarray  # [len(index), D] float32
+    index: list[int]  # image indices of the rows
+    bad: list[tuple[int, str]]  # (image index, reason) of unreadable images
+    next_image: int  # first image index after this batch
+
+
+def pooling_name(model: torch.nn.Module) -> str:
+    pool = getattr(model, "global_pool", None)
+    if isinstance(pool, str):
+        return pool or "none"
+    return str(getattr(pool, "pool_type", type(pool).__name__ if pool is not None else "model-default"))
+
+
+class ImageEmbedder(TransformerMixin, BaseEstimator):
+    """Pooled pre-logits embeddings of a frozen timm backbone, preprocessing taken from timm.
+
+    Parameters
+    ----------
+    model : timm model name.
+    pretrained, weights : timm's hub weights (needs internet), or a local checkpoint; neither: seeded random init.
+    img_size : input resolution (None: the model's).
+    device, precision : 'auto' | 'cpu' | 'cuda[:N]'; 'auto' | 'fp32' | 'bf16' | 'fp16' (auto: bf16/fp16 on GPU, fp32 on CPU).
+    batch_size, workers : images per forward; decoding workers (None: 0 on CPU, up to 16 on CUDA).
+    preprocess : 'device' (decode in workers, resize/crop/normalise batched on the device),
+        'host' (timm's PIL transform per image) or 'auto' (device when it reproduces the transform).
+    channels_last, compile : memory format and torch.compile of the backbone.
+    random_state : seed of the initialisation when no weights are loaded.
+    """
+
+    def __init__(self, model: str = "tf_efficientnet_lite0", *, pretrained: bool = False, weights: str | None = None,
+                 img_size: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
+                 workers: int | None = None, preprocess: str = "auto", channels_last: bool = True, compile: bool = False,
+                 random_state: int = 0):
+        self.model = model
+        self.pretrained = pretrained
+        self.weights = weights
+        self.img_size = img_size
+        self.device = device
+        self.precision = precision
+        self.batch_size = batch_size
+        self.workers = workers
+        self.preprocess = preprocess
+        self.channels_last = channels_last
+        self.compile = compile
+        self.random_state = random_state
+
+    # -- building ------------------------------------------------------------------------------
+    def fit(self, X=None, y=None) -> "ImageEmbedder":
+        """Create the backbone, load its weights and resolve its preprocessing (``X`` is not used)."""
+        if self.batch_size < 1:
+            raise FeatxError("--batch-size must be at least 1")
+        self.device_ = resolve_device(self.device)
+        self.precision_ = resolve_precision(self.precision, self.device_)
+        self.model_, self.info_ = create_backbone(self.model, pretrained=self.pretrained, weights=self.weights, img_size=self.img_size,
+                                                   seed=self.random_state)
+        self.data_config_, self.transform_ = eval_transform(self.model_, self.img_size)
+        self.geometry_ = Geometry.from_transform(self.transform_)
+        self.preprocess_ = self._preprocess_mode()
+        self._device_pre = DevicePreprocessor(self.geometry_) if self.preprocess_ == "device" else None
+        self.num_features_ = self.info_.num_features
+        self._forward_model = None
+        return self
+
+    def _preprocess_mode(self) -> str:
+        mode = self.preprocess
+        if mode == "auto":
+            return "device" if self.geometry_ is not None else "host"
+        if mode == "device" and self.geometry_ is None:
+            raise FeatxError(f"--preprocess device cannot reproduce this model's transform ({self.transform_}); use --preprocess host")
+        if mode not in ("device", "host"):
+            raise FeatxError(f"unknown preprocessing '{mode}'; use auto, device or host")
+        return mode
+
+    def identity(self) -> dict:
+        """What determines the embeddings besides the images: recorded with them and compared on reuse."""
+        check_is_fitted(self, "model_")
+        return {
+            "model": self.model,
+            "weights_sha256": self.info_.weights_sha256,
+            "data_config": json.dumps(self.data_config_, sort_keys=True, default=list),
+            "preprocessing": json.dumps({"mode": self.preprocess_, "transform": repr(self.transform_)}),
+            "img_size": int(self.data_config_["input_size"][-1]),
+            "pooling": pooling_name(self.model_),
+            "precision": self.precision_,
+        }
+
+    # -- embedding -----------------------------------------------------------------------------
+    def prepare(self, img: Image.Image) -> torch.Tensor:
+        """Host side of the preprocessing (runs in decoding workers): uint8 [3, H, W] or timm's normalised tensor."""
+        return self._device_pre.host_prepare(img) if self._device_pre is not None else self.transform_(img)
+
+    def _model_on_device(self) -> torch.nn.Module:
+        if self._forward_model is None:
+            model = self.model_.eval().to(self.device_)
+            if self.device_.type == "cpu":
+                keep_freed_memory()
+            if self.channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            self._forward_model = torch.compile(model, dynamic=True) if self.compile else model
+        return self._forward_model
+
+    @torch.inference_mode()
+    def embed_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
+        """Embeddings [len(prepared), D] (float32, on the device) of images returned by :meth:`prepare`."""
+        model = self._model_on_device()
+        if self._device_pre is not None:
+            x = self._device_pre(prepared, self.device_)
+        else:
+            x = torch.stack(prepared).to(self.device_, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast_context(self.device_, self.precision_):
+            return model(x).float()
+
+    def iter_batches(self, source: ImageSource, *, start: int = 0, batch_size: int | None = None):
+        """Yield an :class:`EmbeddedBatch` per batch of the fixed grid ``[start, start + batch_size), ...``.
+
+        On CUDA the next batch is computed while the previous one is handed back.
+        """
+        check_is_fitted(self, "model_")
+        batch_size = batch_size or self.batch_size
+        if start >= len(source):
+            return
+        workers = inference_workers(self.device_) if self.workers is None else self.workers
+        loader = fixed_grid_loader(source, self.prepare, start=start, batch_size=batch_size, workers=workers)
+        pending = None  # previous batch, handed back while the device computes the next one
+        try:
+            for batch in loader:
+                ok = [(i, t) for i, t, _ in batch if t is not None]
+                feats = self.embed_prepared([t for _, t in ok]).to("cpu", non_blocking=True) if ok else None
+                if pending is not None:
+                    yield pending
+                if self.device_.type == "cuda":
+                    torch.cuda.current_stream(self.device_).synchronize()
+                rows = feats.numpy() if feats is not None else np.empty((0, self.num_features_), np.float32)
+                pending = EmbeddedBatch(rows, [i for i, _ in ok], [(i, r) for i, t, r in batch if t is None], batch[-1][0] + 1)
+            if pending is not None:
+                yield pending
+        except torch.OutOfMemoryError:
+            raise FeatxError(f"out of memory on {self.device_} at batch size {batch_size}; rerun with a smaller --batch-size") from None
+
+    def transform(self, X) -> np.ndarray:
+        """Embeddings [n, D] of ``X``: an ImageSource, or a list of image paths, PIL images or uint8 arrays."""
+        check_is_fitted(self, "model_")
+        source = X if isinstance(X, ImageSource) else images_source(X)
+        out = np.empty((len(source), self.num_features_), np.float32)
+        bad = []
+        for batch in self.iter_batches(source):
+            out[batch.index] = batch.features
+            bad += batch.bad
+        if bad:
+            shown = "; ".join(f"{source.ids[i]}: {r}" for i, r in bad[:3])
+            raise FeatxError(f"{len(bad)} images could not be read ({shown}); remove them or use featx extract, which skips them")
+        return out
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.requires_fit = True
+        tags.input_tags.two_d_array = False
+        return tags
+

@@ -1,0 +1,44 @@
+"""Classification heads on cached embeddings, all of them scikit-learn estimators.
+
+The scikit-learn heads are stock estimators behind optional preprocessing steps (standardise,
+L2-normalise, PCA) in a :class:`~sklearn.pipeline.Pipeline`. The torch heads
+(:class:`TorchLinearClassifier`, :class:`MLPClassifier`) follow the same contract: ``__init__``
+stores its arguments, ``fit`` validates and learns, learned state ends in ``_``.
+
+The registry (:data:`HEADS`, :func:`make_head`) imports neither torch nor scikit-learn; the
+other names load their modules on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from ._registry import HEADS, TORCH_HEADS, HeadSpec, full_scores, grid_of, is_torch_head, make_head, predict_scores
+
+_LAZY = {
+    "SweepResult": "_sweep", "SweptHead": "_sweep", "sweep": "_sweep",
+    "TorchLinearClassifier": "_torch_linear", "LinearHeads": "_torch_linear", "train_linear_heads": "_torch_linear",
+    "MLPClassifier": "_mlp",
+    "AUTO_EARLY_STOPPING_ROWS": "_torch_base", "early_stopping_split": "_torch_base", "auto_epochs": "_torch_base",
+    "heads_linear_map": "_linear_map",
+}
+
+__all__ = ["HEADS", "TORCH_HEADS", "HeadSpec", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head", *_LAZY]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'featx.heads' has no attribute '{name}'")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+if TYPE_CHECKING:
+    from ._linear_map import heads_linear_map  # noqa: F401
+    from ._mlp import MLPClassifier  # noqa: F401
+    from ._sweep import SweepResult, SweptHead, sweep  # noqa: F401
+    from ._torch_base import AUTO_EARLY_STOPPING_ROWS, auto_epochs, early_stopping_split  # noqa: F401
+    from ._torch_linear import LinearHeads, TorchLinearClassifier, train_linear_heads  # noqa: F401
