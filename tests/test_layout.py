@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "featx"
+PACKAGE = Path(__file__).resolve().parents[1] / "src" / "featx"
 
 # Layer of every top-level module or package of featx; a module imports only from lower layers.
 LAYERS = {
@@ -108,3 +108,17 @@ def test_importing_featx_and_its_command_line_loads_no_torch():
     code = "import sys, featx, featx.cli; featx.cli.build_parser(); print('torch' in sys.modules, 'sklearn' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_a_featx_checkout_in_the_working_directory_does_not_shadow_the_package(tmp_path):
+    """Run from a folder holding a checkout named 'featx' (no __init__.py at its top): the real package still loads."""
+    import subprocess
+    import sys
+
+    (tmp_path / "featx" / "tests").mkdir(parents=True)
+    (tmp_path / "featx" / "README.md").write_text("a checkout\n")
+    code = "import featx; print(featx.__version__, callable(featx.extract))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.split()[1] == "True", out.stderr
+    cli = subprocess.run([sys.executable, "-m", "featx", "--version"], cwd=tmp_path, capture_output=True, text=True)
+    assert cli.returncode == 0 and cli.stdout.startswith("featx "), cli.stderr
