@@ -111,14 +111,16 @@ def test_importing_featx_and_its_command_line_loads_no_torch():
 
 
 def test_a_featx_checkout_in_the_working_directory_does_not_shadow_the_package(tmp_path):
-    """Run from a folder holding a checkout named 'featx' (no __init__.py at its top): the real package still loads."""
+    """Run from a folder holding a checkout named 'featx' (no __init__.py at its top): the installed package still loads."""
+    import os
     import subprocess
     import sys
 
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # as a user's shell: only the installed featx
     (tmp_path / "featx" / "tests").mkdir(parents=True)
     (tmp_path / "featx" / "README.md").write_text("a checkout\n")
     code = "import featx; print(featx.__version__, callable(featx.extract))"
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.split()[1] == "True", out.stderr
-    cli = subprocess.run([sys.executable, "-m", "featx", "--version"], cwd=tmp_path, capture_output=True, text=True)
+    cli = subprocess.run([sys.executable, "-m", "featx", "--version"], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert cli.returncode == 0 and cli.stdout.startswith("featx "), cli.stderr
