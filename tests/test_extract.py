@@ -104,7 +104,7 @@ def test_host_preprocessing_run(store, image_folder, capsys):
 @pytest.mark.parametrize("case, message", [
     ("missing_source", "does not exist"),
     ("empty_folder", "no images found"),
-    ("csv_columns", "lacks column(s) label"),
+    ("csv_columns", "lacks column(s) path"),  # a label column is optional since unlabeled CSVs are read too
     ("unknown_model", "did you mean test_resnet"),
     ("bad_weights", "does not exist"),
     ("garbage_weights", "weights_only"),
@@ -122,7 +122,7 @@ def test_user_errors_are_one_line_exit_2_and_lose_nothing(store, image_folder, t
         (src / "class0").mkdir(parents=True)
     elif case == "csv_columns":
         src = tmp_path / "m.csv"
-        src.write_text("path\nimages/class0/000.png\n")
+        src.write_text("file,label\nimages/class0/000.png,a\n")
     elif case == "unknown_model":
         model = "test_resnett"
     elif case == "bad_weights":

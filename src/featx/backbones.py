@@ -61,6 +61,8 @@ def create_backbone(
     _check_model_name(model_name)
     if pretrained and weights is not None:
         raise FeatxError("use either --pretrained or --weights, not both")
+    if pretrained:
+        _check_pretrained_reachable(model_name)
     torch.manual_seed(seed)  # random-init backbones are reproducible
     try:
         model = create_timm_model(model_name, img_size=img_size, pretrained=pretrained, num_classes=num_classes)
@@ -79,7 +81,7 @@ def create_backbone(
     if weights is not None:
         notice = load_weights(model, weights)  # validates the path first: a bad one is a FeatxError, not a traceback
         file_hash = file_sha256(weights)
-        source = str(weights)
+        source = str(Path(weights).resolve())  # absolute: predict may run from another working directory
     model.eval()
     info = BackboneInfo(
         model_name=model_name,
@@ -90,6 +92,36 @@ def create_backbone(
         num_features=int(model.num_features if num_classes == 0 else model.num_classes),
     )
     return model, info
+
+
+def _pretrained_cached(model_name: str) -> bool:
+    """True when timm's pretrained weights of ``model_name`` are already in the local Hugging Face or torch.hub cache."""
+    import os
+
+    cfg = timm.models.get_pretrained_cfg(model_name)
+    if cfg is None:
+        return False
+    if cfg.hf_hub_id:
+        from huggingface_hub import try_to_load_from_cache
+
+        repo = cfg.hf_hub_id.split("@")[0]
+        if any(isinstance(try_to_load_from_cache(repo, f), str) for f in ("model.safetensors", "pytorch_model.bin")):
+            return True
+    return bool(cfg.url) and os.path.isfile(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url)))
+
+
+def _check_pretrained_reachable(model_name: str, host: str = "huggingface.co") -> None:
+    """Fail at once, in one line, when --pretrained weights are neither cached nor downloadable (no network)."""
+    import socket
+
+    if _pretrained_cached(model_name):
+        return
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+    except OSError as e:
+        raise FeatxError(f"--pretrained needs timm's hub weights of '{model_name}', which are not cached here, and {host} cannot be "
+                         f"reached ({e.strerror or e}); pass a local checkpoint with --weights PATH (or download the weights "
+                         "where there is internet; timm caches them)") from None
 
 
 def create_timm_model(name: str, *, img_size: int | None = None, **kwargs) -> torch.nn.Module:
@@ -206,7 +238,7 @@ def load_weights(model: torch.nn.Module, path: str | Path) -> str:
                 f"checkpoint names differ from timm's; loaded {len(target)} tensors by position"
                 + (f" (trailing classifier {', '.join(names[len(target):])} ignored)" if trailing else "")
             )
-            _logger.warning("%s", notice)
+            _logger.debug("%s", notice)  # recorded with the features (weights_load); shown at -v
             return notice
     else:
         mismatches = [(i, k) for i, k in enumerate(target) if i >= len(tensors) or tuple(tensors[i].shape) != tuple(target[k].shape)]

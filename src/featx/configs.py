@@ -65,6 +65,7 @@ class PredictConfig:
     batch_size: int = 64  # images per forward pass
     workers: int | None = None  # decoding workers (default: 0 on CPU, up to 16 on CUDA)
     weights: str | None = None  # the backbone checkpoint, if it moved since extraction (its hash must match)
+    top_k: int | None = None  # classes written per image, best first (default: 5 when the head knows more than 5, else 1)
     progress: bool = True  # show a progress bar
 
 

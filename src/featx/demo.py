@@ -57,8 +57,9 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     features = out_dir / "features.h5"
+    # the demo owns its folder: a store or head it made earlier with other settings is replaced, never a refusal
     extract_config = ExtractConfig(model=DEMO_MODEL, weights=lite0_weights(), device=config.device, batch_size=config.batch_size,
-                                   progress=config.progress)
+                                   progress=config.progress, overwrite=True)
     extracted = extract(config.source, extract_config, features)
     fitted = fit_head(features, FitHeadConfig(head=config.head, sweep=True, device=config.device, overwrite=True),
                       out_dir / f"head-{config.head}")

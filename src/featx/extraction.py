@@ -111,6 +111,7 @@ def extract(source: str | ImageSource, config: ExtractConfig, out: str | os.Path
         assert writer.next_image == len(src) and n_rows + n_skipped == len(src), "every image has a row or a recorded skip"
         seconds = time.perf_counter() - t_start
         skipped = writer.skipped()
+        _check_skips(src, skipped, writer)
         writer.commit({"extract_seconds_last_run": seconds, "device": str(embedder.device_)}, overwrite=config.overwrite)
     except BaseException:
         writer.close()
@@ -118,6 +119,24 @@ def extract(source: str | ImageSource, config: ExtractConfig, out: str | os.Path
     return ExtractResult(out=out, key=key, n_images=len(src), n_rows=n_rows, n_skipped=n_skipped, n_processed=processed,
                          seconds=seconds, resumed_from=start, device=str(embedder.device_), precision=embedder.precision_,
                          skipped=skipped)
+
+
+# Share of unreadable images above which extraction warns loudly (a few broken files are normal).
+LOUD_SKIP_SHARE = 0.05
+
+
+def _check_skips(src: ImageSource, skipped: list[tuple[str, str]], writer: JournalWriter) -> None:
+    """Fail when no image could be read (nothing is committed); warn loudly when more than a few percent were skipped."""
+    if len(skipped) == len(src):
+        writer.discard()
+        hint = ""
+        if all(reason == "file not found" for _, reason in skipped) and str(src.name).lower().endswith(".csv"):
+            hint = "; paths in a CSV manifest are relative to the CSV's folder"
+        raise FeatxError(f"none of the {len(src)} images of '{src.name}' could be read ({skip_digest(skipped)}){hint}; "
+                         "nothing was written")
+    if len(skipped) > LOUD_SKIP_SHARE * len(src):
+        _logger.warning("%d of %d images (%.0f%%) could not be read and are skipped: %s", len(skipped), len(src),
+                        100 * len(skipped) / len(src), skip_digest(skipped))
 
 
 def _group_meta(key: str, src: ImageSource, embedder: ImageEmbedder) -> dict:

@@ -51,7 +51,10 @@ class FitHeadResult:
     def summary(self) -> str:
         lines = [f"Head '{self.head}' on '{self.model}' features: trained on {self.n_train} rows of '{self.train_split}' "
                  f"in {self.fit_seconds:.2f} s, tested on {self.n_test} rows ({self.test_description})."]
-        if self.sweep and self.sweep["curve"]:
+        if self.sweep is not None and not self.sweep["curve"]:
+            lines.append(f"Nothing to sweep: '{self.head}' has no regularisation left to choose with these options "
+                         "(values given with --param stay fixed); fitted as is.")
+        elif self.sweep:
             s = self.sweep
             curve = ", ".join(f"{format_params(c['params'])}: {c['val_accuracy']:.4f}" for c in s["curve"])
             lines.append(f"Sweep ({'one batched pass' if s['batched'] else 'one fit per value'}, {s['n_train']} train / "
@@ -143,6 +146,8 @@ def _fit_data(features, config: FitHeadConfig, out: Path) -> _FitData:
     else:
         description = f"split '{test_split}'"
     _check_trainable(train, config)
+    if holdout is None:
+        _warn_class_coverage(train, test)
     return _FitData(key, attrs, request, train, test, train_split, test_split, holdout, description)
 
 
@@ -155,6 +160,18 @@ def _check_trainable(train: FeatureSet, config: FitHeadConfig) -> None:
         raise FeatxError(f"--pca {config.pca} exceeds min(training rows, feature dimension) = {min(len(train), train.X.shape[1])}")
     if config.head == "rbf-svm" and len(train) > 20000:
         _logger.warning("rbf-svm on %d rows is slow (cost grows with n^2); consider logreg or torch-linear", len(train))
+
+
+def _warn_class_coverage(train: FeatureSet, test: FeatureSet) -> None:
+    """Name the classes that only one side has: the head cannot predict the first kind, the second goes unmeasured."""
+    names = train.class_names
+    in_train, in_test = set(np.unique(train.y).tolist()), set(np.unique(test.y).tolist())
+    if only_test := sorted(in_test - in_train):
+        _logger.warning("classes only in the test rows, which the head can never predict: %s",
+                        ", ".join(names[c] for c in only_test))
+    if only_train := sorted(in_train - in_test):
+        _logger.warning("classes with training rows but no test rows (their accuracy is not measured): %s",
+                        ", ".join(names[c] for c in only_train))
 
 
 def _fit(pipeline, config: FitHeadConfig, train: FeatureSet):

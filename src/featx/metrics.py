@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
+from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
-__all__ = ["classification_metrics", "confusion", "per_class_report"]
+__all__ = ["classification_metrics", "balanced_accuracy", "confusion", "per_class_report"]
 
 
 def classification_metrics(y_true, y_pred, proba=None, *, n_classes: int | None = None) -> dict:
@@ -18,12 +18,20 @@ def classification_metrics(y_true, y_pred, proba=None, *, n_classes: int | None 
     labels = np.arange(n_classes) if n_classes else np.unique(np.concatenate([y_true, y_pred]))
     out = {
         "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": balanced_accuracy(y_true, y_pred),
         "macro_f1": float(f1_score(y_true, y_pred, labels=np.unique(y_true), average="macro", zero_division=0)),
     }
     if proba is not None and proba.shape[1] > 5:
         out["top5_accuracy"] = float(top_k_accuracy_score(y_true, proba, k=5, labels=labels))
     return out
+
+
+def balanced_accuracy(y_true, y_pred) -> float:
+    """Mean recall over the classes present in ``y_true`` (scikit-learn's definition, without its warning when
+    ``y_pred`` holds classes that ``y_true`` lacks: those have no recall to average)."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    classes = np.unique(y_true)
+    return float(np.mean([(y_pred[y_true == c] == c).mean() for c in classes]))
 
 
 def confusion(y_true, y_pred, n_classes: int) -> np.ndarray:

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +34,9 @@ class PredictResult:
     n_predicted: int
     unreadable: list[tuple[str, str]]  # (path, reason)
     seconds: float
-    accuracy: float | None = None  # when the source carries labels
+    accuracy: float | None = None  # over the images whose label is one of the head's classes
+    accuracy_by_split: dict = field(default_factory=dict)  # split -> {'accuracy', 'n'} when the source has several splits
+    unknown_classes: list[str] = field(default_factory=list)  # labels of the source the head does not know
 
     def to_dict(self) -> dict:
         return {**asdict(self), "out": str(self.out)}
@@ -42,15 +44,19 @@ class PredictResult:
     def summary(self) -> str:
         text = f"Predicted {self.n_predicted} of {self.n_images} images in {self.seconds:.1f} s into {self.out}"
         if self.accuracy is not None:
-            text += f" (accuracy on the source's labels: {self.accuracy:.4f})"
+            by_split = ", ".join(f"{s} {v['accuracy']:.4f} ({v['n']} images)" for s, v in self.accuracy_by_split.items())
+            text += f" (accuracy on the source's labels: {self.accuracy:.4f}" + (f"; by split: {by_split}" if by_split else "") + ")"
+        if self.unknown_classes:
+            text += f"; classes the head does not know, left out of the accuracy: {', '.join(self.unknown_classes)}"
         if self.unreadable:
             text += f"; {len(self.unreadable)} unreadable, listed with an empty label and the reason in the 'error' column"
         return text + "."
 
 
 def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, config: PredictConfig | None = None) -> PredictResult:
-    """Embed the images of ``source`` with the head's backbone and write ``path,label,probability,error[,true_label]``
-    per image to the CSV ``out``.
+    """Embed the images of ``source`` with the head's backbone and write one CSV row per image to ``out``:
+    ``path,label,probability,error``, then ``label_2,probability_2 ... label_K,probability_K`` (top-k),
+    ``true_label`` when the source has labels and ``split`` when it has several splits.
 
     Unreadable images get a row with an empty label and the reason in ``error``; they never stop the run.
     ``config.weights`` points at the checkpoint when it has moved; its hash must still match the head's.
@@ -62,27 +68,61 @@ def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, 
         raise FeatxError(f"--out '{out}' is a folder; pass a CSV file path such as {out / 'predictions.csv'}")
     if not (out.parent if str(out.parent) else Path(".")).is_dir():
         raise FeatxError(f"cannot write --out '{out}': folder '{out.parent}' does not exist")
+    if config.top_k is not None and config.top_k < 1:
+        raise FeatxError(f"--top-k must be at least 1, got {config.top_k}")
     head = load_head(head_dir)
     src = source if isinstance(source, ImageSource) else resolve_source(source)
     embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights)
     feats, reasons = _embed(embedder, src, int(head.meta["feature_dim"]), config.progress)
     if head.meta["backbone"].get("dtype") == "float16":
         feats = feats.astype(np.float16).astype(np.float32)  # as the head saw its training features
-    labels, probs = _classify(head, feats, reasons)
-    has_truth = bool((src.labels >= 0).any()) and list(src.class_names) == list(head.class_names)
+    names = head.class_names
+    k = min(len(names), config.top_k or (5 if len(names) > 5 else 1))
+    ranked, probs = _classify(head, feats, reasons, k)
+    truth, unknown = _true_labels(src, names)
+    splits = src.splits if len(src.split_names) > 1 else None
     paths = [str(src.path(i)) if src.path(i) is not None else src.ids[i] for i in range(len(src))]
-    _write_csv(out, paths, head.class_names, labels, probs, reasons, src.labels if has_truth else None)
+    true_names = None if truth is None else [src.class_names[y] if y >= 0 else "" for y in src.labels]
+    _write_csv(out, paths, names, ranked, probs, reasons, true_names, splits)
     unreadable = [(paths[i], reasons[i]) for i in sorted(reasons)]
     if unreadable:
-        shown = "; ".join(f"{p}: {r}" for p, r in unreadable[:10])
-        _logger.warning("%d images could not be read (empty label in the CSV): %s%s", len(unreadable), shown,
-                        "; ..." if len(unreadable) > 10 else "")
-    accuracy = None
-    if has_truth:
-        m = (src.labels >= 0) & (labels >= 0)
-        accuracy = float((src.labels[m] == labels[m]).mean()) if m.any() else None
-    return PredictResult(out=out, n_images=len(src), n_predicted=int((labels >= 0).sum()), unreadable=unreadable,
-                         seconds=time.perf_counter() - t0, accuracy=accuracy)
+        _logger.warning("%d images could not be read (empty label in the CSV): %s%s", len(unreadable),
+                        "; ".join(f"{p}: {r}" for p, r in unreadable[:10]), "; ..." if len(unreadable) > 10 else "")
+    accuracy, by_split = _accuracy(truth, ranked[:, 0], splits)
+    return PredictResult(out=out, n_images=len(src), n_predicted=int((ranked[:, 0] >= 0).sum()), unreadable=unreadable,
+                         seconds=time.perf_counter() - t0, accuracy=accuracy, accuracy_by_split=by_split, unknown_classes=unknown)
+
+
+def _true_labels(src: ImageSource, names: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """The source's labels as the head's class indices (-1: unlabeled or a class the head does not know); None without labels."""
+    if not (src.labels >= 0).any():
+        return None, []
+    index = {c: k for k, c in enumerate(names)}
+    mapping = np.array([index.get(c, -1) for c in src.class_names] + [-1], dtype=np.int64)
+    present = {src.class_names[c] for c in np.unique(src.labels[src.labels >= 0])}
+    unknown = sorted(c for c in present if c not in index)
+    if unknown:
+        _logger.warning("the source has %d classes the head does not know (%s); their images are left out of the accuracy",
+                        len(unknown), ", ".join(unknown[:5]))
+    return mapping[src.labels], unknown
+
+
+def _accuracy(truth, predicted, splits) -> tuple[float | None, dict]:
+    """Accuracy over images with a known true class and a prediction, overall and per split."""
+    if truth is None:
+        return None, {}
+    scored = (truth >= 0) & (predicted >= 0)
+    if not scored.any():
+        return None, {}
+    hits = truth == predicted
+    by_split = {}
+    if splits is not None:
+        split_arr = np.asarray(splits)
+        for name in dict.fromkeys(splits):
+            m = scored & (split_arr == name)
+            if m.any():
+                by_split[name] = {"accuracy": float(hits[m].mean()), "n": int(m.sum())}
+    return float(hits[scored].mean()), by_split
 
 
 def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 64, workers: int | None = None,
@@ -136,27 +176,35 @@ def _embed(embedder: ImageEmbedder, src: ImageSource, dim: int, progress: bool) 
     return feats, reasons
 
 
-def _classify(head: LoadedHead, feats: np.ndarray, reasons: dict[int, str]) -> tuple[np.ndarray, np.ndarray]:
-    """(predicted class index or -1, probability or NaN) per image; non-finite embeddings get a reason."""
+def _classify(head: LoadedHead, feats: np.ndarray, reasons: dict[int, str], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(top-k class indices [n, k], their probabilities [n, k]); -1 and NaN for images without a usable embedding."""
     n = len(feats)
     finite = np.isfinite(feats).all(axis=1)
     for i in np.flatnonzero(~finite):
         reasons.setdefault(int(i), "embedding is NaN or infinite")
     ok_idx = np.flatnonzero(finite)
-    labels, probs = np.full(n, -1, dtype=np.int64), np.full(n, np.nan)
+    ranked, probs = np.full((n, k), -1, dtype=np.int64), np.full((n, k), np.nan)
     if len(ok_idx):
         s = head.scores(feats[ok_idx])
-        labels[ok_idx] = s.argmax(axis=1)
-        probs[ok_idx] = s.max(axis=1)
-    return labels, probs
+        top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+        ranked[ok_idx] = top
+        probs[ok_idx] = np.take_along_axis(s, top, axis=1)
+    return ranked, probs
 
 
-def _write_csv(out: Path, paths, names, labels, probs, reasons, truth) -> None:
+def _write_csv(out: Path, paths, names, ranked, probs, reasons, true_names, splits) -> None:
+    k = ranked.shape[1]
+    header = ["path", "label", "probability", "error"] + [f"{c}_{r}" for r in range(2, k + 1) for c in ("label", "probability")]
+    header += (["true_label"] if true_names is not None else []) + (["split"] if splits is not None else [])
     with atomic_path(out) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["path", "label", "probability", "error"] + (["true_label"] if truth is not None else []))
+        w.writerow(header)
         for i in range(len(paths)):
-            row = [paths[i], names[labels[i]] if labels[i] >= 0 else "", f"{probs[i]:.6f}" if labels[i] >= 0 else "", reasons.get(i, "")]
-            if truth is not None:
-                row.append(names[truth[i]] if truth[i] >= 0 else "")
+            ok = ranked[i, 0] >= 0
+            top = [(names[ranked[i, r]], f"{probs[i, r]:.6f}") if ok else ("", "") for r in range(k)]
+            row = [paths[i], *top[0], reasons.get(i, "")] + [v for pair in top[1:] for v in pair]
+            if true_names is not None:
+                row.append(true_names[i])
+            if splits is not None:
+                row.append(splits[i])
             w.writerow(row)

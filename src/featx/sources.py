@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import logging
 import os
 import struct
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from .images import open_image
 from .splits import SPLIT_FOLDER_NAMES
 
 __all__ = ["ImageSource", "resolve_source", "images_source", "IMG_EXTENSIONS"]
+
+_logger = logging.getLogger(__name__)
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -131,19 +134,28 @@ def _subdirs(p: Path) -> list[Path]:
 
 
 def _folder(root: Path) -> ImageSource:
+    """``<class>/<image>``, split-first ``<split>/<class>/<image>``, or a flat folder of unlabeled images."""
     top = _subdirs(root)
+    loose = sorted((f for f in root.iterdir() if _is_image(f)), key=lambda f: f.name)
     split_first = bool(top) and all(d.name.lower() in SPLIT_FOLDER_NAMES for d in top)
     entries: list[tuple[str, str, str]] = []  # (relative path, class, split)
-    if split_first:
-        for split_dir in top:
-            for cls_dir in _subdirs(split_dir):
-                entries += [(str(f.relative_to(root)), cls_dir.name, split_dir.name) for f in _walk(cls_dir)]
-    else:
-        for cls_dir in top:
-            entries += [(str(f.relative_to(root)), cls_dir.name, "train") for f in _walk(cls_dir)]
+    empty: list[str] = []
+    for split_dir in top if split_first else [None]:
+        for cls_dir in _subdirs(split_dir) if split_dir else top:
+            files = _walk(cls_dir)
+            entries += [(str(f.relative_to(root)), cls_dir.name, split_dir.name if split_dir else "train") for f in files]
+            if not files:
+                empty.append(str(cls_dir.relative_to(root)))
+    if not entries and loose:
+        return _flat(root, loose)
     if not entries:
-        layout = "<split>/<class>/<image>" if split_first else "<class>/<image>"
+        layout = "<split>/<class>/<image>" if split_first else "<class>/<image> (or images directly in it)"
         raise FeatxError(f"no images found in '{root}' (expected {layout} with extensions {', '.join(IMG_EXTENSIONS)})")
+    if empty:
+        _logger.warning("%d class folders of '%s' hold no images and are not classes: %s", len(empty), root, _first(empty))
+    if loose:
+        _logger.warning("%d images lie directly in '%s', outside any class folder, and are ignored: %s", len(loose), root,
+                        _first([f.name for f in loose]))
     class_names = sorted({c for _, c, _ in entries})
     index = {c: k for k, c in enumerate(class_names)}
     return ImageSource(
@@ -156,37 +168,87 @@ def _folder(root: Path) -> ImageSource:
     )
 
 
+def _flat(root: Path, files: list[Path]) -> ImageSource:
+    """A folder of images without class folders: unlabeled (what ``featx predict new_photos/`` reads)."""
+    return ImageSource(name=str(root), ids=[f.name for f in files], labels=np.full(len(files), UNLABELED, dtype=np.int64),
+                       splits=["train"] * len(files), class_names=[], root=root)
+
+
+def _first(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
 def _walk(d: Path) -> list[Path]:
     """Image files under ``d`` (recursively), sorted for a deterministic order."""
     return sorted((p for p in d.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
 
 
-def _manifest(csv_path: Path) -> ImageSource:
+def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict]]:
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            rows = list(reader)
+            return fields, list(reader)
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FeatxError(f"cannot read CSV manifest '{csv_path}': {e}") from None
-    missing = [c for c in ("path", "label") if c not in fields]
-    if missing:
-        raise FeatxError(f"CSV manifest '{csv_path}' lacks column(s) {', '.join(missing)}; it needs a header 'path,label[,split]' (found: {', '.join(fields) or 'no header'})")
-    # values beyond the header come back under the key None (as a list): ignore them
-    rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
+
+
+def _manifest(csv_path: Path) -> ImageSource:
+    """A CSV with columns ``path[,label][,split]``: paths relative to the CSV's folder (or absolute)."""
+    fields, raw = _read_manifest(csv_path)
+    if "path" not in fields:
+        missing = [c for c in ("path", "label") if c not in fields]
+        raise FeatxError(f"CSV manifest '{csv_path}' lacks column(s) {', '.join(missing)}; it needs a header 'path,label[,split]' "
+                         f"(or just 'path' for unlabeled images; found: {', '.join(fields) or 'no header'})")
+    extra = sum(1 for r in raw if None in r)  # values beyond the header come back under the key None
+    rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in raw]
+    no_path = sum(1 for r in rows if not r.get("path"))
     rows = [r for r in rows if r.get("path")]
     if not rows:
         raise FeatxError(f"CSV manifest '{csv_path}' lists no images")
-    names = sorted({r["label"] for r in rows if r["label"]}, key=_natural_key)
+    for count, what in ((extra, "have more values than the header (the extra values are ignored)"),
+                        (no_path, "have an empty path and are skipped")):
+        if count:
+            _logger.warning("%d rows of '%s' %s", count, csv_path, what)
+    labelled = "label" in fields
+    if labelled and (unlabeled := sum(1 for r in rows if not r["label"])):
+        _logger.warning("%d rows of '%s' have no label and are kept as unlabeled", unlabeled, csv_path)
+    _check_relative_paths(csv_path, [r["path"] for r in rows])
+    splits = [r.get("split") or "train" for r in rows]
+    _warn_odd_split_names(csv_path, splits)
+    names = sorted({r["label"] for r in rows if r.get("label")}, key=_natural_key)
     index = {c: k for k, c in enumerate(names)}
     return ImageSource(
         name=str(csv_path),
         ids=[r["path"] for r in rows],
-        labels=np.array([index[r["label"]] if r["label"] else UNLABELED for r in rows], dtype=np.int64),
-        splits=[r.get("split") or "train" for r in rows],
+        labels=np.array([index[r["label"]] if r.get("label") else UNLABELED for r in rows], dtype=np.int64),
+        splits=splits,
         class_names=names,
         root=csv_path.parent,
     )
+
+
+def _check_relative_paths(csv_path: Path, paths: list[str], sample: int = 20) -> None:
+    """Refuse a manifest whose paths are relative to the working directory instead of to the CSV."""
+    checked = paths[:sample]
+    if any((csv_path.parent / p).exists() for p in checked):
+        return
+    if any(Path(p).exists() for p in checked):
+        raise FeatxError(f"the paths in '{csv_path}' are read relative to its folder '{csv_path.parent}', where '{checked[0]}' "
+                         "does not exist (it does relative to the working directory); write them relative to the CSV, or absolute")
+
+
+def _warn_odd_split_names(csv_path: Path, splits: list[str]) -> None:
+    """Warn about split names that are not known and close to one that is (``tset`` for ``test``)."""
+    import difflib
+
+    for name in dict.fromkeys(splits):
+        if name.lower() in SPLIT_FOLDER_NAMES:
+            continue
+        close = difflib.get_close_matches(name.lower(), SPLIT_FOLDER_NAMES, n=1, cutoff=0.6)
+        if close:
+            _logger.warning("split '%s' of '%s' (%d rows) is not a known split name; did you mean '%s'?", name, csv_path,
+                            splits.count(name), close[0])
 
 
 def _natural_key(s: str):

@@ -13,6 +13,7 @@ import sys
 from .._version import __version__
 from ..errors import FeatxError
 from ._commands import COMMANDS
+from ._warnings import library_warnings_said_once
 
 __all__ = ["main", "build_parser"]
 
@@ -32,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="featx: %(message)s", stream=sys.stderr)
     try:
-        return int(args.func(args) or 0)
+        with library_warnings_said_once():
+            return int(args.func(args) or 0)
     except FeatxError as e:
         print(f"featx {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -115,13 +115,16 @@ def cmd_evaluate(args) -> int:
 def add_predict(sub) -> None:
     p = sub.add_parser("predict", help="label new images with a saved head and its backbone",
                        description="Run the backbone recorded in HEAD_DIR (same weights, verified by hash; same preprocessing) "
-                                   "and the head on SOURCE, writing path,label,probability,error[,true_label] per image. "
+                                   "and the head on SOURCE (a class folder, a flat folder of images, a CSV with a path column ...), writing "
+                                   "path,label,probability,error[,label_2,probability_2 ...][,true_label][,split] per image. "
                                    "Unreadable images get an empty label and the reason in 'error'; they are never fatal.")
     p.add_argument("head_dir", metavar="HEAD_DIR")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--out", required=True, metavar="predictions.csv")
     add_option(p, PredictConfig, "--weights", metavar="PATH",
                help="the backbone checkpoint, if it moved since extraction (its hash must match)")
+    add_option(p, PredictConfig, "--top-k", type=positive_int, metavar="K",
+               help="classes written per image with their probabilities, best first (default: 5 when the head knows more than 5, else 1)")
     add_runtime_options(p, PredictConfig, names=("device", "batch_size", "workers", "progress"))
     p.set_defaults(func=cmd_predict)
 

@@ -181,6 +181,11 @@ class JournalWriter:
         self.f.close()
         commit_group(self.path, self.out, self.key, overwrite=overwrite)
 
+    def discard(self) -> None:
+        """Close and delete the journal: the run is abandoned and nothing reaches the store."""
+        self.close()
+        self.path.unlink(missing_ok=True)
+
     def close(self) -> None:
         try:
             self.f.close()

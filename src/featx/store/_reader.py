@@ -179,7 +179,11 @@ class FeatureStore:
             return np.arange(n)
         names = json.loads(g.attrs["split_names"])
         if split not in names:
-            raise FeatxError(f"model '{key}' in '{self.path}' has no split '{split}'; it has: {', '.join(self.split_names(key))}")
+            present = self.split_names(key)
+            if not present:
+                raise FeatxError(f"model '{key}' in '{self.path}' holds no rows: every image was skipped at extraction "
+                                 f"(e.g. {'; '.join(f'{i}: {r}' for i, r in self.skipped(key)[:2])}); fix the images and extract again")
+            raise FeatxError(f"model '{key}' in '{self.path}' has no split '{split}'; it has: {', '.join(present)}")
         return np.flatnonzero(g["split"][:] == names.index(split))
 
     def read(self, key: str | None = None, split: str | None = None, rows: slice | None = None) -> FeatureSet:
