@@ -109,7 +109,7 @@ def test_sklearn_sweep_records_curve_and_refits():
     pipe, result = sweep(make_head("knn"), X, y, grid_of("knn"), val_fraction=0.25)
     assert [c["params"]["n_neighbors"] for c in result.curve] == list(HEADS["knn"].grid["n_neighbors"])
     assert pipe.named_steps["head"].n_neighbors == result.best["n_neighbors"]
-    assert pipe.named_steps["head"].n_samples_fit_ == len(X)  # refit on every training row
+    assert len(pipe.named_steps["head"].fit_X_) == len(X)  # refit on every training row
 
 
 @pytest.mark.parametrize("name,kw", [("logreg", {}), ("torch-linear", {"pca": 5, "l2_normalize": True}), ("mlp", {"pca": 6})])

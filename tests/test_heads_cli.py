@@ -119,7 +119,8 @@ def test_head_dir_holding_another_head_is_kept(digits_store, tmp_path, capsys):
     before = (tmp_path / "h" / "head.json").read_text()
     rc, out, err = run(capsys, "fit-head", digits_store, "--head", "knn", "--out", tmp_path / "h")
     assert_one_line_error(rc, err, "fit-head", "already holds a different head", "--overwrite")
-    assert (tmp_path / "h" / "head.json").read_text() == before and (tmp_path / "h" / "head.joblib").exists()
+    weights_file = json.loads(before)["serialization"]["file"]
+    assert (tmp_path / "h" / "head.json").read_text() == before and (tmp_path / "h" / weights_file).exists()
     rc, out, err = run(capsys, "fit-head", digits_store, "--head", "knn", "--out", tmp_path / "h", "--overwrite")
     assert rc == 0 and json.loads((tmp_path / "h" / "head.json").read_text())["head"] == "knn"
     (tmp_path / "stuff").mkdir()

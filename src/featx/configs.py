@@ -55,6 +55,7 @@ class FitHeadConfig:
     val_fraction: float = 0.2  # validation share carved from the training rows by --sweep
     seed: int = 0  # seed of the hold-out, the validation split and the torch heads
     overwrite: bool = False  # replace a different head already in the output folder
+    progress: bool = True  # show progress bars of sweeps and training
 
 
 @dataclass

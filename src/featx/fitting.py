@@ -14,7 +14,7 @@ from .configs import FitHeadConfig
 from .errors import FeatxError
 from .files import jsonable
 from .head_folder import BACKBONE_ATTRS, FORMAT, check_head_folder, save_head
-from .heads import HEADS, full_scores, grid_of, make_head
+from .heads import HEADS, SweepResult, full_scores, grid_of, make_head, showing_progress
 from .metrics import classification_metrics
 from .provenance import provenance
 from .splits import choose_splits, stratified_holdout
@@ -46,7 +46,7 @@ class FitHeadResult:
         return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
                 "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
                 "test_split": self.test_split, "test_split_description": self.test_description,
-                "sweep_best": self.sweep["best"] if self.sweep else None, "out": str(self.out)}
+                "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep, "out": str(self.out)}
 
     def summary(self) -> str:
         lines = [f"Head '{self.head}' on '{self.model}' features: trained on {self.n_train} rows of '{self.train_split}' "
@@ -60,6 +60,7 @@ class FitHeadResult:
             lines.append(f"Sweep ({'one batched pass' if s['batched'] else 'one fit per value'}, {s['n_train']} train / "
                          f"{s['n_val']} validation rows, {s['seconds']:.2f} s): chose {format_params(s['best'])} "
                          f"(validation accuracy {s['best_val_accuracy']:.4f}); curve: {curve}")
+            lines += [f"Note: {note}." for note in SweepResult(**s).edge_notes()]
         lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()))
         lines.append(f"Saved to {self.out} (evaluate with 'featx evaluate {self.out} FEATURES.h5').")
         return "\n".join(lines)
@@ -90,7 +91,8 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
     pipeline = _pipeline(config)
     data = _fit_data(features, config, out)
     t0 = time.perf_counter()
-    pipeline, sweep_result = _fit(pipeline, config, data.train)
+    with showing_progress(config.progress):
+        pipeline, sweep_result = _fit(pipeline, config, data.train)
     fit_seconds = time.perf_counter() - t0
     t0 = time.perf_counter()
     n_classes = len(data.train.class_names)

@@ -73,7 +73,7 @@ def add_fit_head(sub) -> None:
     add_option(l2, FitHeadConfig, "--no-l2-normalize", dest="l2_normalize", action="store_false", help="do not L2-normalise features")
     add_option(p, FitHeadConfig, "--pca", type=positive_int, metavar="K", help="reduce features to K dimensions with PCA first")
     add_option(p, FitHeadConfig, "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency")
-    add_runtime_options(p, FitHeadConfig, names=("device",))
+    add_runtime_options(p, FitHeadConfig, names=("device", "progress"))
     add_option(p, FitHeadConfig, "--test-fraction", type=fraction, help="held-out share when there is no test split")
     add_option(p, FitHeadConfig, "--val-fraction", type=fraction, help="validation share carved from the training rows by --sweep")
     add_option(p, FitHeadConfig, "--seed", type=non_negative_int, help="seed of the hold-out, the validation split and torch heads")

@@ -22,6 +22,8 @@ _LAZY = {
     "MLPClassifier": "_mlp",
     "AUTO_EARLY_STOPPING_ROWS": "_torch_base", "early_stopping_split": "_torch_base", "auto_epochs": "_torch_base",
     "heads_linear_map": "_linear_map",
+    "LogisticRegressionClassifier": "_logreg", "RidgeClassifier": "_ridge", "KNNClassifier": "_knn",
+    "showing_progress": "_progress", "grid_edges": "_sweep",
 }
 
 __all__ = ["HEADS", "TORCH_HEADS", "HeadSpec", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head", *_LAZY]
@@ -37,8 +39,12 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:
+    from ._knn import KNNClassifier  # noqa: F401
     from ._linear_map import heads_linear_map  # noqa: F401
+    from ._logreg import LogisticRegressionClassifier  # noqa: F401
+    from ._progress import showing_progress  # noqa: F401
+    from ._ridge import RidgeClassifier  # noqa: F401
     from ._mlp import MLPClassifier  # noqa: F401
-    from ._sweep import SweepResult, SweptHead, sweep  # noqa: F401
+    from ._sweep import SweepResult, SweptHead, grid_edges, sweep  # noqa: F401
     from ._torch_base import AUTO_EARLY_STOPPING_ROWS, auto_epochs, early_stopping_split  # noqa: F401
     from ._torch_linear import LinearHeads, TorchLinearClassifier, train_linear_heads  # noqa: F401

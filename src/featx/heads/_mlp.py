@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
+from ._progress import progress_bar
+from ._rows import ArrayRows, Rows
 from ._torch_base import TorchHead, auto_epochs, class_weights, early_stopping_split
 
 __all__ = ["MLPClassifier"]
@@ -17,6 +17,18 @@ __all__ = ["MLPClassifier"]
 class _MLP(torch.nn.Sequential):
     def __init__(self, d_in: int, hidden: int, n_out: int, dropout: float):
         super().__init__(torch.nn.Linear(d_in, hidden), torch.nn.GELU(), torch.nn.Dropout(dropout), torch.nn.Linear(hidden, n_out))
+
+
+@torch.inference_mode()
+def _score(net: torch.nn.Module, rows: Rows, dev: torch.device) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of ``net`` on ``rows``."""
+    net.eval()
+    correct, loss = 0, 0.0
+    for X, y in rows.chunks(dev):
+        logits = net(X)
+        correct += int((logits.argmax(1) == y).sum())
+        loss += float(torch.nn.functional.cross_entropy(logits, y, reduction="sum"))
+    return correct / len(rows), loss / len(rows)
 
 
 class MLPClassifier(TorchHead):
@@ -41,45 +53,49 @@ class MLPClassifier(TorchHead):
         self.device = device
         self.random_state = random_state
 
+    _validate = TorchHead._validate_training
+
     def _fit(self, X, y_idx) -> None:
         if not isinstance(self.hidden_dim, (int, np.integer)) or self.hidden_dim < 1:
             raise ValueError(f"hidden_dim must be a positive integer, got {self.hidden_dim!r}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         dev = resolve_device(self.device)
-        C = len(self.classes_)
-        tr, va = early_stopping_split(y_idx, self.validation_fraction, self.random_state)
+        rows = X if isinstance(X, Rows) else ArrayRows(X, y_idx)
+        tr, va = early_stopping_split(rows.y, self.validation_fraction, self.random_state)
+        train, val = (rows, None) if va is None else (rows.subset(tr), rows.subset(va))
         devices = [dev.index or 0] if dev.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(self.random_state)
-            gen = torch.Generator().manual_seed(self.random_state)
-            net = _MLP(X.shape[1], int(self.hidden_dim), C, float(self.dropout)).to(dev)
-            Xt, yt = torch.as_tensor(X[tr], device=dev), torch.as_tensor(y_idx[tr], device=dev)
-            cw = torch.as_tensor(class_weights(self.class_weight, y_idx[tr], self.classes_), device=dev)
-            opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
-            max_epochs = auto_epochs(len(tr), self.batch_size) if self.max_epochs is None else self.max_epochs
-            steps = max(1, max_epochs * math.ceil(len(tr) / self.batch_size))
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-            best = (-1.0, float("inf"))
-            best_state, since, epochs = None, 0, 0
+            net, epochs, best = self._train(train, val, dev)
+        self.module_ = net.eval().cpu().double()
+        self.n_epochs_ = epochs
+        self.validation_score_ = best if val is not None else float("nan")
+
+    def _train(self, train: Rows, val: Rows | None, dev: torch.device) -> tuple[torch.nn.Module, int, float]:
+        """(network at its best validation epoch, epochs trained, best validation accuracy)."""
+        gen = torch.Generator().manual_seed(self.random_state)
+        D = next(train.chunks(dev))[0].shape[1]
+        net = _MLP(D, int(self.hidden_dim), len(self.classes_), float(self.dropout)).to(dev)
+        cw = torch.as_tensor(class_weights(self.class_weight, train.y, self.classes_), device=dev)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        max_epochs = auto_epochs(len(train), self.batch_size) if self.max_epochs is None else self.max_epochs
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, max_epochs * train.n_batches(self.batch_size)))
+        best, best_state, since, epochs = (-1.0, float("inf")), None, 0, 0
+        with progress_bar(max_epochs, "mlp", unit="epoch") as bar:
             for _epoch in range(max_epochs):
                 net.train()
-                perm = torch.randperm(len(tr), generator=gen).to(dev)
-                for s in range(0, len(tr), self.batch_size):
-                    bi = perm[s : s + self.batch_size]
-                    loss = torch.nn.functional.cross_entropy(net(Xt[bi]), yt[bi], weight=cw)
+                for xb, yb in train.batches(self.batch_size, gen, dev):
+                    loss = torch.nn.functional.cross_entropy(net(xb), yb, weight=cw)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
                     opt.step()
                     sched.step()
                 epochs += 1
-                if va is None:
+                bar.update()
+                if val is None:
                     continue
-                net.eval()
-                with torch.inference_mode():
-                    logits = net(torch.as_tensor(X[va], device=dev))
-                    yv = torch.as_tensor(y_idx[va], device=dev)
-                    score = (float((logits.argmax(1) == yv).float().mean()), float(torch.nn.functional.cross_entropy(logits, yv)))
+                score = _score(net, val, dev)
                 if score[0] > best[0] or (score[0] == best[0] and score[1] < best[1]):
                     best, since = score, 0
                     best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
@@ -89,9 +105,7 @@ class MLPClassifier(TorchHead):
                         break
         if best_state is not None:
             net.load_state_dict(best_state)
-        self.module_ = net.eval().cpu().double()
-        self.n_epochs_ = epochs
-        self.validation_score_ = best[0] if va is not None else float("nan")
+        return net, epochs, best[0]
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -16,8 +16,9 @@ from ..errors import FeatxError
 __all__ = ["HeadSpec", "HEADS", "TORCH_HEADS", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head",
            "torch_head_class"]
 
-# Estimator class names of the torch heads (stored as plain tensors, not joblib) -> defining module.
-TORCH_HEADS = {"TorchLinearClassifier": "_torch_linear", "MLPClassifier": "_mlp"}
+# Estimator class names of featx's own heads, computed in torch and stored as plain tensors (not joblib) -> defining module.
+TORCH_HEADS = {"TorchLinearClassifier": "_torch_linear", "MLPClassifier": "_mlp", "LogisticRegressionClassifier": "_logreg",
+               "RidgeClassifier": "_ridge", "KNNClassifier": "_knn"}
 
 
 @dataclass(frozen=True)
@@ -44,9 +45,7 @@ def is_torch_head(estimator) -> bool:
 
 
 def _logreg(seed, dev):
-    from sklearn.linear_model import LogisticRegression
-
-    return LogisticRegression(max_iter=1000, random_state=seed)
+    return torch_head_class("LogisticRegressionClassifier")(device=dev, random_state=seed)
 
 
 def _linear_svm(seed, dev):
@@ -58,15 +57,11 @@ def _linear_svm(seed, dev):
 
 
 def _knn(seed, dev):
-    from sklearn.neighbors import KNeighborsClassifier
-
-    return KNeighborsClassifier(n_neighbors=10, metric="cosine", algorithm="brute")
+    return torch_head_class("KNNClassifier")(device=dev, random_state=seed)
 
 
 def _ridge(seed, dev):
-    from sklearn.linear_model import RidgeClassifier
-
-    return RidgeClassifier(alpha=1.0)
+    return torch_head_class("RidgeClassifier")(device=dev, random_state=seed)
 
 
 def _ncm(seed, dev):
@@ -89,18 +84,22 @@ def _mlp(seed, dev):
     return torch_head_class("MLPClassifier")(device=dev, random_state=seed)
 
 
-def _logspace(lo: int, hi: int) -> tuple[float, ...]:
-    return tuple(float(v) for v in np.logspace(lo, hi, hi - lo + 1))
+def _logspace(lo: int, hi: int, per_decade: int = 1) -> tuple[float, ...]:
+    return tuple(float(f"{v:.3g}") for v in np.logspace(lo, hi, (hi - lo) * per_decade + 1))
 
 
 HEADS: dict[str, HeadSpec] = {
     spec.name: spec
     for spec in [
-        HeadSpec("logreg", _logreg, {"C": _logspace(-4, 2)}, True, False, "multinomial logistic regression (lbfgs)"),
+        HeadSpec("logreg", _logreg, {"C": _logspace(-5, 3, 2)}, True, False,
+                 "multinomial logistic regression (scikit-learn's objective; the C grid solved at once by batched L-BFGS; "
+                 "solver=sklearn available)"),
         HeadSpec("linear-svm", _linear_svm, {"C": _logspace(-5, 0)}, True, False, "linear SVM (one-vs-rest, squared hinge)"),
-        HeadSpec("knn", _knn, {"n_neighbors": (1, 3, 5, 10, 20, 50)}, False, False,
-                 "k nearest neighbours (cosine; metric=euclidean available)"),
-        HeadSpec("ridge", _ridge, {"alpha": _logspace(-2, 4)}, True, False, "ridge classifier (least squares on +-1 targets)"),
+        HeadSpec("knn", _knn, {"n_neighbors": (1, 3, 5, 10, 20, 50, 100)}, False, False,
+                 "k nearest neighbours (cosine; every k from one neighbour search; metric=euclidean, weights=temperature available)"),
+        HeadSpec("ridge", _ridge, {"alpha": _logspace(-2, 6, 2)}, True, False,
+                 "ridge classifier (least squares on +-1 targets; alpha by leave-one-out unless given; every alpha from one "
+                 "factorisation)"),
         HeadSpec("ncm", _ncm, {}, False, True, "nearest class mean (on L2-normalised features)"),
         HeadSpec("rbf-svm", _rbf_svm, {"C": (0.1, 1.0, 10.0, 100.0)}, True, False, "RBF-kernel SVM (for small sets: cost grows with n^2)"),
         # decoupled weight decay as strong as 10-30 plays the role of logreg's small C (strong L2):

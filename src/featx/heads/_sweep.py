@@ -17,6 +17,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..errors import FeatxError
 from ..splits import stratified_holdout
+from ._progress import progress_bar
 
 __all__ = ["SweepResult", "SweptHead", "sweep"]
 
@@ -28,17 +29,44 @@ class SweepResult:
     """What ``--sweep`` tried and chose."""
 
     params: list[str]  # swept parameter names
-    curve: list[dict] = field(default_factory=list)  # [{'params': {...}, 'val_accuracy': float}] in grid order
+    curve: list[dict] = field(default_factory=list)  # [{'params': {...}, 'val_accuracy': float[, 'iterations': int]}], grid order
     best: dict = field(default_factory=dict)  # chosen parameter values
     best_val_accuracy: float = float("nan")
     n_train: int = 0  # rows the grid was trained on
     n_val: int = 0  # rows it was scored on
     seconds: float = 0.0  # time of the grid (without the refit)
-    batched: bool = False  # True when the grid was trained in one batched pass
+    batched: bool = False  # True when the grid was solved together (one batched solve, factorisation or neighbour search)
+    edges: list[dict] = field(default_factory=list)  # chosen values at the end of their grid: {'param', 'value', 'side', 'next'}
 
     def to_dict(self) -> dict:
         return {"params": self.params, "best": self.best, "best_val_accuracy": self.best_val_accuracy, "curve": self.curve,
-                "n_train": self.n_train, "n_val": self.n_val, "seconds": self.seconds, "batched": self.batched}
+                "n_train": self.n_train, "n_val": self.n_val, "seconds": self.seconds, "batched": self.batched,
+                "edges": self.edges}
+
+    def edge_notes(self) -> list[str]:
+        """One sentence per chosen value at the edge of its grid, saying how to extend the grid."""
+        return [f"the chosen {e['param']}={e['value']:g} is the {'smallest' if e['side'] == 'low' else 'largest'} value of the grid; "
+                f"the best may lie {'below' if e['side'] == 'low' else 'above'} it: extend the grid to {e['next']:g} "
+                f"(--param {e['param']}=VALUE fits one value)" for e in self.edges]
+
+
+def grid_edges(grid: list[dict], best: dict, scores: list[float]) -> list[dict]:
+    """Swept numeric parameters (3 values or more) whose chosen value is the smallest or largest of the grid,
+    unless every value scored the same; ``next`` is one more step of the grid's spacing beyond the edge."""
+    edges = []
+    if max(scores) == min(scores):
+        return edges
+    for name, value in best.items():
+        values = sorted({e[name] for e in grid if isinstance(e.get(name), (int, float)) and not isinstance(e.get(name), bool)})
+        if len(values) < 3 or value not in (values[0], values[-1]):
+            continue
+        low = value == values[0]
+        a, b = (values[0], values[1]) if low else (values[-2], values[-1])
+        geometric = a > 0 and b / a > 1.5
+        step = (b / a) if geometric else (b - a)
+        nxt = (value / step if low else value * step) if geometric else (value - step if low else value + step)
+        edges.append({"param": name, "value": value, "side": "low" if low else "high", "next": float(nxt)})
+    return edges
 
 
 def validation_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -51,21 +79,38 @@ def validation_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return stratified_holdout(y, val_fraction, seed)
 
 
-def _scores_batched(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[float]:
-    """Validation accuracy of every grid entry, the torch linear heads trained in one batched pass."""
-    pre = clone(pipeline[:-1]).fit(X_tr, y_tr) if len(pipeline) > 1 else None
-    Z_tr = pre.transform(X_tr) if pre is not None else X_tr
-    Z_va = pre.transform(X_va) if pre is not None else X_va
-    fitted = clone(pipeline.named_steps["head"]).fit_grid(Z_tr, y_tr, grid)
-    return [float(est.score(Z_va, y_va)) for est in fitted]
+def _transformed(pipeline, X_tr, y_tr, X_va):
+    """The training and validation rows through the pipeline's preprocessing, fitted on the training rows."""
+    if len(pipeline) == 1:
+        return X_tr, X_va
+    pre = clone(pipeline[:-1]).fit(X_tr, y_tr)
+    return pre.transform(X_tr), pre.transform(X_va)
 
 
-def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[float]:
-    """Validation accuracy of every grid entry, one fit each."""
+def _scores_together(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
+    """Validation scores of every grid entry from one batched computation: the head's ``grid_scores`` (one neighbour
+    search) or ``fit_grid`` (one batched solve or factorisation)."""
+    Z_tr, Z_va = _transformed(pipeline, X_tr, y_tr, X_va)
+    head = clone(pipeline.named_steps["head"])
+    if hasattr(head, "grid_scores"):
+        return [{"val_accuracy": s} for s in head.grid_scores(Z_tr, y_tr, Z_va, y_va, grid)]
+    out = []
+    for est in head.fit_grid(Z_tr, y_tr, grid):
+        entry = {"val_accuracy": float(est.score(Z_va, y_va))}
+        if hasattr(est, "n_iter_"):
+            entry.update(iterations=est.n_iter_, converged=est.converged_)
+        out.append(entry)
+    return out
+
+
+def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
+    """Validation scores of every grid entry, one fit each."""
     scores = []
-    for entry in grid:
-        est = clone(pipeline).set_params(**{f"head__{k}": v for k, v in entry.items()})
-        scores.append(float(est.fit(X_tr, y_tr).score(X_va, y_va)))
+    with progress_bar(len(grid), "sweep", unit="value") as bar:
+        for entry in grid:
+            est = clone(pipeline).set_params(**{f"head__{k}": v for k, v in entry.items()})
+            scores.append({"val_accuracy": float(est.fit(X_tr, y_tr).score(X_va, y_va))})
+            bar.update()
     return scores
 
 
@@ -96,14 +141,19 @@ class SweptHead(ClassifierMixin, BaseEstimator):
     def _search(self, X, y, result: SweepResult) -> None:
         idx_tr, idx_va = validation_split(y, self.val_fraction, self.random_state)
         result.n_train, result.n_val = len(idx_tr), len(idx_va)
-        batched = hasattr(self.pipeline.named_steps["head"], "fit_grid")
-        strategy = _scores_batched if batched else _scores_per_value
+        head = self.pipeline.named_steps["head"]
+        batched = hasattr(head, "fit_grid") or hasattr(head, "grid_scores")
+        strategy = _scores_together if batched else _scores_per_value
         t0 = time.perf_counter()
-        scores = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
+        scored = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
         result.seconds, result.batched = time.perf_counter() - t0, batched
-        result.curve = [{"params": entry, "val_accuracy": s} for entry, s in zip(self.grid, scores)]
+        result.curve = [{"params": entry, **s} for entry, s in zip(self.grid, scored)]
+        scores = [s["val_accuracy"] for s in scored]
         best = int(np.argmax(scores))
         result.best, result.best_val_accuracy = dict(self.grid[best]), scores[best]
+        result.edges = grid_edges(self.grid, result.best, scores)
+        for note in result.edge_notes():
+            _logger.warning("%s", note)
         _logger.debug("sweep %s: best %s (validation accuracy %.4f)", result.params, result.best, result.best_val_accuracy)
 
     def predict(self, X):

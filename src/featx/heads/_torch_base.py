@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils._available_if import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
@@ -56,31 +57,39 @@ def class_weights(class_weight, y: np.ndarray, classes: np.ndarray) -> np.ndarra
 
 
 
+def _check_class_weight(class_weight) -> None:
+    if not (class_weight is None or class_weight == "balanced" or isinstance(class_weight, dict)):
+        raise ValueError(f"class_weight must be None, 'balanced' or a dict {{class: weight}}, got {class_weight!r}")
+
+
 class TorchHead(ClassifierMixin, BaseEstimator):
     """fit/predict plumbing shared by the torch heads; subclasses implement ``_fit``, ``_logits`` and
     ``state_tensors`` / ``_load_state`` (plain tensors, so head folders load without pickle)."""
-    def _validate_common(self) -> None:
+    def _validate(self) -> None:
+        """Check the parameters (scikit-learn's rule: in fit, not in __init__); raise ValueError."""
+        _check_class_weight(self.class_weight)
+
+    def _validate_training(self) -> None:
+        """Checks of the minibatch-training parameters shared by the torch linear head and the MLP."""
         for name in ("max_epochs", "batch_size", "patience"):
             v = getattr(self, name)
             if name == "max_epochs" and v is None:
                 continue
             if not isinstance(v, (int, np.integer)) or v < 1:
                 raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        for name in ("lr",):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
         if not self.weight_decay >= 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         vf = self.validation_fraction
         if not (vf is None or (isinstance(vf, str) and vf == "auto") or (isinstance(vf, (int, float)) and 0 <= vf < 1)):
             raise ValueError(f"validation_fraction must be 'auto', None or in [0, 1), got {vf!r}")
-        if not (self.class_weight is None or self.class_weight == "balanced" or isinstance(self.class_weight, dict)):
-            raise ValueError(f"class_weight must be None, 'balanced' or a dict {{class: weight}}, got {self.class_weight!r}")
+        _check_class_weight(self.class_weight)
 
     def _prepare(self, X, y):
         X, y = validate_data(self, X, y, dtype=np.float32)
         check_classification_targets(y)
-        self._validate_common()
+        self._validate()
         self.classes_, y_idx = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs at least 2 classes in y; got 1 class: {self.classes_[0]!r}")
@@ -90,6 +99,18 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         X, y_idx = self._prepare(X, y)
         self._fit(X, y_idx)
         return self
+
+    def fit_rows(self, rows, classes: np.ndarray, n_features: int):
+        """Fit on :class:`~featx.heads._rows.Rows` (``rows.y``: indices into ``classes``), e.g. streamed from a store
+        larger than memory. Only the heads that train on minibatches (``streams = True``) can."""
+        if not self.streams:
+            raise ValueError(f"{type(self).__name__} needs its training rows in memory")
+        self._validate()
+        self.classes_, self.n_features_in_ = np.asarray(classes), int(n_features)
+        self._fit(rows, rows.y)
+        return self
+
+    streams = True  # trains on minibatches, so it can learn from rows streamed from disk
 
     def _checked_logits(self, X) -> np.ndarray:
         """Logits [n, n_classes], in float64 on the CPU so results do not depend on batching."""
@@ -102,6 +123,9 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         z = self._checked_logits(X)
         return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
+    _has_proba = True  # False for heads whose scores are not probabilities (predict_proba is then absent)
+
+    @available_if(lambda est: est._has_proba)
     def predict_proba(self, X) -> np.ndarray:
         z = self._checked_logits(X)
         z = z - z.max(axis=1, keepdims=True)

@@ -11,6 +11,8 @@ from sklearn.base import clone
 from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
+from ._progress import progress_bar
+from ._rows import ArrayRows, Rows
 from ._torch_base import TorchHead, auto_epochs, class_weights, early_stopping_split
 
 __all__ = ["LinearHeads", "train_linear_heads", "TorchLinearClassifier"]
@@ -27,12 +29,13 @@ class LinearHeads:
 
 
 def train_linear_heads(
-    X: np.ndarray,
-    y: np.ndarray,
+    X: np.ndarray | Rows,
+    y: np.ndarray | None,
     n_classes: int,
     *,
     lrs: list[float],
     weight_decays: list[float],
+    l2s: list[float] | None = None,
     max_epochs: int | None = None,
     batch_size: int = 256,
     patience: int = 20,
@@ -42,41 +45,40 @@ def train_linear_heads(
     random_state: int = 0,
     classes: np.ndarray | None = None,
 ) -> LinearHeads:
-    """Train ``len(lrs)`` softmax heads (head h: ``lrs[h]``, ``weight_decays[h]``) in one pass.
+    """Train ``len(lrs)`` softmax heads (head h: ``lrs[h]``, ``weight_decays[h]``) in one pass over the rows.
 
-    All heads see the same minibatches; logits of every head come from one matmul
-    ``x @ W.view(D, H * C)``. The optimiser is AdamW with a per-step cosine schedule, written out
-    so learning rate and weight decay can differ per head; head h's update never depends on the
-    others, so training H heads together equals training each alone. Each head stops on its own
-    when its validation accuracy has not improved for ``patience`` epochs; its best epoch is kept.
+    ``X`` is an array (with labels ``y``, class indices) or :class:`Rows` (streamed from a store). All heads see the
+    same minibatches; logits of every head come from one matmul ``x @ W.view(D, H * C)``. The optimiser is AdamW
+    with a per-step cosine schedule, written out so learning rate and weight decay can differ per head (``l2s``
+    adds a coupled L2 penalty ``l2 * ||W||^2 / 2`` to the loss instead, as logistic regression's objective has);
+    head h's update never depends on the others, so training H heads together equals training each alone. Each
+    head stops on its own when its validation accuracy has not improved for ``patience`` epochs; its best epoch is kept.
     """
     assert len(lrs) == len(weight_decays) and len(lrs) > 0
     dev = resolve_device(device)
-    H, D, C = len(lrs), X.shape[1], n_classes
-    tr, va = early_stopping_split(y, validation_fraction, random_state)
+    rows = X if isinstance(X, Rows) else ArrayRows(X, y)
+    H, C = len(lrs), n_classes
+    tr, va = early_stopping_split(rows.y, validation_fraction, random_state)
+    train, val = (rows, None) if va is None else (rows.subset(tr), rows.subset(va))
     gen = torch.Generator().manual_seed(random_state)
-    Xt = torch.as_tensor(np.ascontiguousarray(X[tr], dtype=np.float32), device=dev)
-    yt = torch.as_tensor(y[tr], dtype=torch.long, device=dev)
-    cw = torch.as_tensor(class_weights(class_weight, y[tr], np.asarray(classes) if classes is not None else np.arange(C)), device=dev)
+    cw = torch.as_tensor(class_weights(class_weight, train.y, np.asarray(classes) if classes is not None else np.arange(C)), device=dev)
+    D = next(train.chunks(dev))[0].shape[1]
     W, b = torch.zeros(D, H, C, device=dev), torch.zeros(H, C, device=dev)
-    n_tr = len(tr)
-    max_epochs = auto_epochs(n_tr, batch_size) if max_epochs is None else max_epochs
-    optimizer = _BatchedAdamW(W, b, lrs, weight_decays, total_steps=max(1, max_epochs * math.ceil(n_tr / batch_size)))
-    stopping = _EarlyStopping(W, b, patience) if va is not None else None
-    if stopping is not None:
-        Xv = torch.as_tensor(np.ascontiguousarray(X[va], dtype=np.float32), device=dev)
-        yv = torch.as_tensor(y[va], dtype=torch.long, device=dev)
+    max_epochs = auto_epochs(len(train), batch_size) if max_epochs is None else max_epochs
+    optimizer = _BatchedAdamW(W, b, lrs, weight_decays, total_steps=max(1, max_epochs * train.n_batches(batch_size)))
+    l2 = None if l2s is None else torch.as_tensor(l2s, dtype=torch.float32, device=dev).view(1, H, 1)
+    stopping = _EarlyStopping(W, b, patience) if val is not None else None
     active = torch.ones(H, dtype=torch.bool, device=dev)
     epochs = torch.zeros(H, dtype=torch.long, device=dev)
-    with torch.no_grad():
+    with torch.no_grad(), progress_bar(max_epochs, f"linear heads ({H})", unit="epoch") as bar:
         for _epoch in range(max_epochs):
-            perm = torch.randperm(n_tr, generator=gen).to(dev)
-            for s in range(0, n_tr, batch_size):
-                bi = perm[s : s + batch_size]
-                optimizer.step(*_softmax_gradients(Xt[bi], yt[bi], W, b, cw), active)
+            for xb, yb in train.batches(batch_size, gen, dev):
+                gW, gb = _softmax_gradients(xb, yb, W, b, cw)
+                optimizer.step(gW if l2 is None else gW + l2 * W, gb, active)
             epochs += active.long()
+            bar.update()
             if stopping is not None:
-                active &= stopping.update(*_evaluate_heads(Xv, yv, W, b), W, b)
+                active &= stopping.update(*_evaluate_heads(val, W, b, dev), W, b)
                 if not bool(active.any()):
                     break
     best_W, best_b = (W, b) if stopping is None else (stopping.W, stopping.b)
@@ -146,17 +148,16 @@ class _EarlyStopping:
         return self.active
 
 
-def _evaluate_heads(X: torch.Tensor, y: torch.Tensor, W: torch.Tensor, b: torch.Tensor, chunk: int = 8192):
-    """Accuracy [H] and mean cross-entropy [H] of every head on (X, y)."""
+def _evaluate_heads(rows: Rows, W: torch.Tensor, b: torch.Tensor, dev: torch.device):
+    """Accuracy [H] and mean cross-entropy [H] of every head on ``rows``."""
     D, H, C = W.shape
-    correct = torch.zeros(H, device=X.device)
-    loss = torch.zeros(H, device=X.device)
-    for s in range(0, len(X), chunk):
-        logits = (X[s : s + chunk] @ W.view(D, H * C)).view(-1, H, C) + b
-        yc = y[s : s + chunk]
-        correct += (logits.argmax(2) == yc.view(-1, 1)).float().sum(0)
-        loss += torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), yc.view(-1, 1).expand(-1, H), reduction="none").sum(0)
-    return correct / len(X), loss / len(X)
+    correct = torch.zeros(H, device=dev)
+    loss = torch.zeros(H, device=dev)
+    for X, y in rows.chunks(dev):
+        logits = (X @ W.view(D, H * C)).view(-1, H, C) + b
+        correct += (logits.argmax(2) == y.view(-1, 1)).float().sum(0)
+        loss += torch.nn.functional.cross_entropy(logits.permute(0, 2, 1), y.view(-1, 1).expand(-1, H), reduction="none").sum(0)
+    return correct / len(rows), loss / len(rows)
 
 
 class TorchLinearClassifier(TorchHead):
@@ -189,6 +190,8 @@ class TorchLinearClassifier(TorchHead):
         self.device = device
         self.random_state = random_state
 
+    _validate = TorchHead._validate_training
+
     def _train_kwargs(self) -> dict:
         return dict(max_epochs=self.max_epochs, batch_size=self.batch_size, patience=self.patience,
                     validation_fraction=self.validation_fraction, class_weight=self.class_weight,
@@ -216,7 +219,7 @@ class TorchLinearClassifier(TorchHead):
         X, y_idx = self._prepare(X, y)
         heads_est = [clone(self).set_params(**entry) for entry in grid]
         for est in heads_est:
-            est._validate_common()
+            est._validate()
         heads = train_linear_heads(X, y_idx, len(self.classes_), lrs=[e.lr for e in heads_est],
                                    weight_decays=[e.weight_decay for e in heads_est], **self._train_kwargs())
         for h, est in enumerate(heads_est):

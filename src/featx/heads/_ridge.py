@@ -1,0 +1,140 @@
+"""Ridge classification (least squares on +-1 targets, as scikit-learn's ``RidgeClassifier``) for many alphas from one
+eigendecomposition, with ``alpha='auto'`` chosen by exact leave-one-out on the training rows (what ``RidgeClassifierCV`` does).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from sklearn.base import clone
+from sklearn.utils.validation import check_is_fitted
+
+from ..device import resolve_device
+from ._torch_base import TorchHead, class_weights
+
+__all__ = ["RidgeClassifier", "RIDGE_ALPHAS"]
+
+# alpha='auto' chooses among these (leave-one-out accuracy on the training rows); --sweep uses the registry's grid
+RIDGE_ALPHAS = tuple(float(f"{a:.3g}") for a in np.logspace(-2, 6, 17))
+
+
+class _Factorisation:
+    """Weighted, centred training data in the eigenbasis of its Gram matrix: every alpha's solution is a rescaling."""
+
+    def __init__(self, X: torch.Tensor, T: torch.Tensor, w: torch.Tensor):
+        sw = w.sum()
+        self.x_mean = (w[:, None] * X).sum(0) / sw
+        self.t_mean = (w[:, None] * T).sum(0) / sw
+        self.root_w = w.sqrt()[:, None]
+        Xc = (X - self.x_mean) * self.root_w
+        Tc = (T - self.t_mean) * self.root_w
+        self.lam, self.V = torch.linalg.eigh((Xc.T @ Xc).double())  # D x D: features are few compared with rows
+        self.lam = self.lam.clamp_min(0)
+        self.V = self.V.to(X.dtype)
+        self.proj_t = (self.V.T @ (Xc.T @ Tc)).double()  # V^T X^T T  [D, K]
+        self._Xc, self._Tc, self.sw = Xc, Tc, sw
+
+    def coef(self, alpha: float) -> torch.Tensor:
+        """W [D, K] of ``min ||T - X W - b||^2_w + alpha ||W||^2``."""
+        return (self.V.double() @ (self.proj_t / (self.lam[:, None] + alpha))).to(self.V.dtype)
+
+    def intercept(self, W: torch.Tensor) -> torch.Tensor:
+        return self.t_mean - self.x_mean @ W
+
+    def loo_accuracy(self, alpha: float, y: torch.Tensor, rows_V: torch.Tensor) -> float:
+        """Exact leave-one-out accuracy of ``alpha`` (hat-matrix diagonal from the eigenbasis; intercept included)."""
+        W = self.coef(alpha)
+        fitted = self._Xc @ W  # weighted, centred predictions
+        hat = (rows_V.double() ** 2 / (self.lam + alpha)).sum(1) + (self.root_w[:, 0].double() ** 2) / self.sw.double()
+        loo = (self._Tc - (self._Tc - fitted) / (1 - hat.to(fitted.dtype))[:, None]) / self.root_w + self.t_mean
+        predicted = (loo[:, 0] > 0).long() if loo.shape[1] == 1 else loo.argmax(1)
+        return float((predicted == y).float().mean())
+
+
+class RidgeClassifier(TorchHead):
+    """Ridge classifier: targets +-1 per class (one column for two classes), least squares with an L2 penalty ``alpha``.
+
+    Parameters
+    ----------
+    alpha : penalty, or 'auto' to choose it among ``RIDGE_ALPHAS`` by exact leave-one-out accuracy on the training rows.
+    class_weight : None, 'balanced' or a dict {class label: weight} (as sample weights).
+    device : 'auto' (CUDA when present), 'cpu' or 'cuda[:N]'.
+    random_state : kept for the common head interface (the solution is deterministic).
+    """
+
+    streams = False  # needs its training rows in memory
+
+    def __init__(self, *, alpha="auto", class_weight=None, device: str = "auto", random_state: int = 0):
+        self.alpha = alpha
+        self.class_weight = class_weight
+        self.device = device
+        self.random_state = random_state
+
+    def _validate(self) -> None:
+        super()._validate()
+        if not (self.alpha == "auto" or (isinstance(self.alpha, (int, float, np.number)) and self.alpha > 0)):
+            raise ValueError(f"alpha must be a positive number or 'auto', got {self.alpha!r}")
+
+    def _factorise(self, X: np.ndarray, y_idx: np.ndarray) -> _Factorisation:
+        dev = resolve_device(self.device)
+        K = len(self.classes_)
+        Xt = torch.as_tensor(np.ascontiguousarray(X, dtype=np.float32), device=dev)
+        T = -torch.ones(len(X), K, device=dev)
+        T[torch.arange(len(X), device=dev), torch.as_tensor(y_idx, device=dev)] = 1.0
+        if K == 2:  # scikit-learn: one column, +1 for classes_[1]
+            T = T[:, 1:]
+        w = torch.as_tensor(class_weights(self.class_weight, y_idx, self.classes_)[y_idx], device=dev)
+        return _Factorisation(Xt, T, w)
+
+    def _fit(self, X, y_idx) -> None:
+        fact = self._factorise(X, y_idx)
+        alpha = self.alpha
+        if alpha == "auto":
+            rows_V = fact._Xc @ fact.V
+            yt = torch.as_tensor(y_idx, device=rows_V.device)
+            scores = [fact.loo_accuracy(a, yt, rows_V) for a in RIDGE_ALPHAS]
+            alpha = RIDGE_ALPHAS[int(np.argmax(scores))]
+        self._set_solution(fact, float(alpha))
+
+    def _set_solution(self, fact: _Factorisation, alpha: float) -> None:
+        W = fact.coef(alpha)
+        self.coef_ = W.T.cpu().numpy().astype(np.float32).copy()  # [K or 1, D], as scikit-learn
+        self.intercept_ = fact.intercept(W).cpu().numpy().astype(np.float32).copy()
+        self.alpha_ = alpha
+
+    def fit_grid(self, X, y, grid: list[dict]) -> list["RidgeClassifier"]:
+        """One fitted clone per entry of ``grid`` (dicts of ``alpha``), all from one factorisation."""
+        bad = sorted({k for entry in grid for k in entry if k != "alpha"})
+        if bad:
+            raise ValueError(f"fit_grid varies only alpha, not {bad}")
+        X, y_idx = self._prepare(X, y)
+        fact = self._factorise(X, y_idx)
+        fitted = [clone(self).set_params(**entry) for entry in grid]
+        for est in fitted:
+            est._validate()
+            est.classes_, est.n_features_in_ = self.classes_, self.n_features_in_
+            est._set_solution(fact, float(est.alpha))
+        return fitted
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        z = X @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
+        return np.concatenate([-z / 2, z / 2], axis=1) if z.shape[1] == 1 else z  # two classes: decision_function is z
+
+    _has_proba = False  # least-squares scores are not probabilities: featx ranks by the softmax of decision_function
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        check_is_fitted(self)
+        return {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
+
+    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
+        self.coef_ = state["coef"].numpy()
+        self.intercept_ = state["intercept"].numpy()
+        self.n_features_in_ = self.coef_.shape[1]
+
+    def learned_extra(self) -> dict:
+        return {"alpha": self.alpha_}
+
+    def load_state_tensors(self, state: dict, classes: np.ndarray, extra: dict) -> None:
+        self._load_state(state)
+        self.classes_ = classes
+        self.alpha_ = float(extra.get("alpha", self.alpha if self.alpha != "auto" else float("nan")))
