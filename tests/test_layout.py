@@ -95,7 +95,7 @@ def test_workflow_modules_are_modules_and_the_package_exports_the_functions():
     import featx.extraction as extraction  # a module, not the function it defines
 
     assert callable(extraction.extract) and featx.extract is extraction.extract
-    assert featx.fit_head.__module__ == "featx.fitting" and featx.finetune.__module__ == "featx.finetuning._workflow"
+    assert featx.fit_head.__module__ == "featx.fitting._workflow" and featx.finetune.__module__ == "featx.finetuning._workflow"
     assert set(featx.__all__) <= set(dir(featx))
     for name in featx.__all__:
         assert getattr(featx, name) is not None, name

@@ -49,6 +49,7 @@ class FitHeadConfig:
     l2_normalize: bool | None = None  # L2-normalise features first (default: the head's choice)
     pca: int | None = None  # reduce features to this many dimensions first
     params: dict = field(default_factory=dict)  # head parameters, e.g. {'C': 0.1}; fixed values are not swept
+    grid: dict = field(default_factory=dict)  # sweep values per parameter, e.g. {'C': (0.01, 0.1)}, replacing the head's grid for it
     class_weight: str | None = None  # 'balanced': weight classes inversely to their frequency
     device: str = "auto"  # torch heads: auto (CUDA when present) | cpu | cuda[:N]
     test_fraction: float = 0.2  # held-out share when there is no test split
@@ -56,6 +57,7 @@ class FitHeadConfig:
     seed: int = 0  # seed of the hold-out, the validation split and the torch heads
     overwrite: bool = False  # replace a different head already in the output folder
     progress: bool = True  # show progress bars of sweeps and training
+    max_memory: float | None = None  # GB the training features may take in memory; beyond it rows stream from the store
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 
 from ..configs import DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
-from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, head_param,
-                       non_negative_int, number, positive_int)
+from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
+                       non_negative_int, number, positive_int, positive_number)
 
 __all__ = ["COMMANDS"]
 
@@ -65,6 +65,8 @@ def add_fit_head(sub) -> None:
                help="choose C / alpha / weight decay / k on a validation split carved from the training rows, then refit on all of them")
     p.add_argument("--param", dest="params", action="append", type=head_param, metavar="NAME=VALUE",
                    help="set a head parameter, e.g. C=0.1, metric=euclidean, max_epochs=50 (repeatable; fixed values are not swept)")
+    p.add_argument("--grid", action="append", type=grid_values, metavar="NAME=V1,V2,...",
+                   help="values --sweep tries for a head parameter, replacing the head's grid for it (repeatable), e.g. C=0.001,0.01,0.1")
     std = p.add_mutually_exclusive_group()
     add_option(std, FitHeadConfig, "--standardize", action="store_true", help="standardise features first (default: the head's choice)")
     add_option(std, FitHeadConfig, "--no-standardize", dest="standardize", action="store_false", help="do not standardise features")
@@ -77,6 +79,9 @@ def add_fit_head(sub) -> None:
     add_option(p, FitHeadConfig, "--test-fraction", type=fraction, help="held-out share when there is no test split")
     add_option(p, FitHeadConfig, "--val-fraction", type=fraction, help="validation share carved from the training rows by --sweep")
     add_option(p, FitHeadConfig, "--seed", type=non_negative_int, help="seed of the hold-out, the validation split and torch heads")
+    add_option(p, FitHeadConfig, "--max-memory", type=positive_number, metavar="GB",
+               help="memory the training features may take; larger ones stream from the store in chunks, for logreg, "
+                    "torch-linear and mlp (default: half of the memory available)")
     add_option(p, FitHeadConfig, "--overwrite", action="store_true", help="replace a different head already in HEAD_DIR")
     p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
     p.set_defaults(func=cmd_fit_head)
@@ -85,7 +90,7 @@ def add_fit_head(sub) -> None:
 def cmd_fit_head(args) -> int:
     from ..fitting import fit_head
 
-    config = config_from(FitHeadConfig, args, head=args.head, params=dict(args.params or []))
+    config = config_from(FitHeadConfig, args, head=args.head, params=dict(args.params or []), grid=dict(args.grid or []))
     return _print_result(fit_head(args.features, config, args.out), args.json)
 
 

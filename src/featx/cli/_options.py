@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import json
 
-__all__ = ["positive_int", "non_negative_int", "fraction", "number", "head_param", "add_option", "config_from",
+__all__ = ["positive_int", "non_negative_int", "fraction", "number", "positive_number", "head_param", "grid_values", "add_option", "config_from",
            "add_backbone_options", "add_runtime_options"]
 
 
@@ -34,6 +34,7 @@ positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _typed(int, lambda v: v >= 0, "a non-negative integer")
 fraction = _typed(float, lambda v: 0 < v < 1, "a fraction between 0 and 1")
 number = _typed(float, lambda v: True, "a number")
+positive_number = _typed(float, lambda v: v > 0, "a positive number")
 
 
 def head_param(text: str) -> tuple[str, object]:
@@ -45,6 +46,20 @@ def head_param(text: str) -> tuple[str, object]:
         return name.strip(), json.loads(value)
     except json.JSONDecodeError:
         return name.strip(), value
+
+
+def grid_values(text: str) -> tuple[str, tuple]:
+    """NAME=V1,V2,... with each value read as JSON when it parses, else kept as a string (checked by the library)."""
+    name, sep, values = text.partition("=")
+    if not sep or not name.strip() or not values.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=V1,V2,..., got '{text}'")
+    parsed = []
+    for v in values.split(","):
+        try:
+            parsed.append(json.loads(v))
+        except json.JSONDecodeError:
+            parsed.append(v.strip())
+    return name.strip(), tuple(parsed)
 
 
 def _defaults(target) -> dict:

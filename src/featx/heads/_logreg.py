@@ -182,20 +182,35 @@ class LogisticRegressionClassifier(TorchHead):
         self.n_iter_, self.converged_ = int(iterations[h]), bool(converged[h])
 
     def fit_grid(self, X, y, grid: list[dict]) -> list["LogisticRegressionClassifier"]:
-        """One fitted clone per entry of ``grid`` (dicts of ``C``), all solved together."""
-        bad = sorted({k for entry in grid for k in entry if k != "C"})
-        if bad:
-            raise ValueError(f"fit_grid varies only C, not {bad}")
+        """One fitted clone per entry of ``grid`` (dicts of ``C``), solved along the path together."""
         X, y_idx = self._prepare(X, y)
-        fitted = [clone(self).set_params(**entry) for entry in grid]
-        for est in fitted:
-            est._validate()
+        fitted = self._clones(grid)
         if self.solver == "sklearn":
             return [est.fit(X, y) for est in fitted]
         solved = self._solve(X, y_idx, [est.C for est in fitted])
         for h, est in enumerate(fitted):
             est.classes_, est.n_features_in_ = self.classes_, self.n_features_in_
             est._set_learned(*solved, h)
+        return fitted
+
+    def fit_grid_rows(self, rows: Rows, classes: np.ndarray, n_features: int, grid: list[dict]) -> list["LogisticRegressionClassifier"]:
+        """:meth:`fit_grid` on rows streamed from disk: every C trained together by minibatches."""
+        self._validate()
+        self.classes_, self.n_features_in_ = np.asarray(classes), int(n_features)
+        fitted = self._clones(grid)
+        heads = self._minibatch(rows, [est.C for est in fitted])
+        for h, est in enumerate(fitted):
+            est.classes_, est.n_features_in_ = self.classes_, self.n_features_in_
+            est._set_from_heads(heads, h)
+        return fitted
+
+    def _clones(self, grid: list[dict]) -> list["LogisticRegressionClassifier"]:
+        bad = sorted({k for entry in grid for k in entry if k != "C"})
+        if bad:
+            raise ValueError(f"fit_grid varies only C, not {bad}")
+        fitted = [clone(self).set_params(**entry) for entry in grid]
+        for est in fitted:
+            est._validate()
         return fitted
 
     def _logits(self, X: np.ndarray) -> np.ndarray:

@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.validation import check_is_fitted
 
@@ -146,15 +147,7 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         strategy = _scores_together if batched else _scores_per_value
         t0 = time.perf_counter()
         scored = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
-        result.seconds, result.batched = time.perf_counter() - t0, batched
-        result.curve = [{"params": entry, **s} for entry, s in zip(self.grid, scored)]
-        scores = [s["val_accuracy"] for s in scored]
-        best = int(np.argmax(scores))
-        result.best, result.best_val_accuracy = dict(self.grid[best]), scores[best]
-        result.edges = grid_edges(self.grid, result.best, scores)
-        for note in result.edge_notes():
-            _logger.warning("%s", note)
-        _logger.debug("sweep %s: best %s (validation accuracy %.4f)", result.params, result.best, result.best_val_accuracy)
+        _record(result, self.grid, scored, time.perf_counter() - t0, batched)
 
     def predict(self, X):
         check_is_fitted(self)
@@ -167,6 +160,50 @@ class SweptHead(ClassifierMixin, BaseEstimator):
     def decision_function(self, X):
         check_is_fitted(self)
         return self.best_estimator_.decision_function(X)
+
+
+def _record(result: SweepResult, grid: list[dict], scored: list[dict], seconds: float, batched: bool) -> None:
+    """Fill ``result`` from the grid's validation scores: curve, choice (ties: the first entry), edges."""
+    result.seconds, result.batched = seconds, batched
+    result.curve = [{"params": entry, **s} for entry, s in zip(grid, scored)]
+    scores = [s["val_accuracy"] for s in scored]
+    best = int(np.argmax(scores))
+    result.best, result.best_val_accuracy = dict(grid[best]), scores[best]
+    result.edges = grid_edges(grid, result.best, scores)
+    for note in result.edge_notes():
+        _logger.warning("%s", note)
+    _logger.debug("sweep %s: best %s (validation accuracy %.4f)", result.params, result.best, result.best_val_accuracy)
+
+
+def _accuracy_on_rows(head, rows) -> float:
+    """Accuracy of a fitted head on :class:`~featx.heads._rows.Rows` (chunk by chunk; ``rows.y`` are class indices)."""
+    correct = 0
+    for X, y in rows.chunks(torch.device("cpu")):
+        correct += int((head.predict(X.numpy()) == head.classes_[y.numpy()]).sum())
+    return correct / len(rows)
+
+
+def sweep_rows(head, rows, classes: np.ndarray, n_features: int, grid: list[dict], *, val_fraction: float = 0.2,
+               random_state: int = 0):
+    """(head refit on all ``rows`` with the chosen values, :class:`SweepResult`) for rows streamed from disk.
+
+    The same rule as :class:`SweptHead`: a stratified validation split of the rows, the grid trained together when
+    the head can (``fit_grid_rows``), else one fit per value.
+    """
+    result = SweepResult(params=sorted({k for g in grid for k in g}))
+    if grid:
+        idx_tr, idx_va = validation_split(rows.y, val_fraction, random_state)
+        train, val = rows.subset(idx_tr), rows.subset(idx_va)
+        result.n_train, result.n_val = len(train), len(val)
+        t0 = time.perf_counter()
+        batched = hasattr(head, "fit_grid_rows")
+        if batched:
+            fitted = clone(head).fit_grid_rows(train, classes, n_features, grid)
+        else:
+            fitted = [clone(head).set_params(**entry).fit_rows(train, classes, n_features) for entry in grid]
+        _record(result, grid, [{"val_accuracy": _accuracy_on_rows(est, val)} for est in fitted], time.perf_counter() - t0, batched)
+    final = clone(head).set_params(**result.best).fit_rows(rows, classes, n_features)
+    return final, result
 
 
 def sweep(pipeline, X: np.ndarray, y: np.ndarray, grid: list[dict], *, val_fraction: float = 0.2,

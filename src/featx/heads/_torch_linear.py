@@ -213,10 +213,19 @@ class TorchLinearClassifier(TorchHead):
         Returns the fitted clones, each identical (up to float rounding) to
         ``clone(self).set_params(**entry).fit(X, y)``.
         """
+        X, y_idx = self._prepare(X, y)
+        return self._fit_grid(X, y_idx, grid)
+
+    def fit_grid_rows(self, rows: Rows, classes: np.ndarray, n_features: int, grid: list[dict]) -> list["TorchLinearClassifier"]:
+        """:meth:`fit_grid` on rows streamed from disk (``rows.y``: indices into ``classes``)."""
+        self._validate()
+        self.classes_, self.n_features_in_ = np.asarray(classes), int(n_features)
+        return self._fit_grid(rows, rows.y, grid)
+
+    def _fit_grid(self, X, y_idx, grid: list[dict]) -> list["TorchLinearClassifier"]:
         bad = [k for entry in grid for k in entry if k not in ("lr", "weight_decay")]
         if bad:
             raise ValueError(f"fit_grid varies only lr and weight_decay, not {sorted(set(bad))}")
-        X, y_idx = self._prepare(X, y)
         heads_est = [clone(self).set_params(**entry) for entry in grid]
         for est in heads_est:
             est._validate()

@@ -186,6 +186,21 @@ class FeatureStore:
             raise FeatxError(f"model '{key}' in '{self.path}' has no split '{split}'; it has: {', '.join(present)}")
         return np.flatnonzero(g["split"][:] == names.index(split))
 
+    def row_numbers(self, key: str | None = None, split: str | None = None) -> np.ndarray:
+        """Row numbers of ``split`` (all rows without it) in the group, ascending."""
+        return self._rows(self.resolve_key(key), split)
+
+    def labels_of(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Labels of the sorted ``rows`` (features are not read)."""
+        return _take(self.file[self.resolve_key(key)]["labels"], np.asarray(rows))
+
+    def features_of(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Features [len(rows), D] (float32) of the sorted ``rows``; only those rows are read."""
+        return _take(self.file[self.resolve_key(key)]["features"], np.asarray(rows)).astype(np.float32, copy=False)
+
+    def feature_dim(self, key: str | None = None) -> int:
+        return int(self.file[self.resolve_key(key)]["features"].shape[1])
+
     def read(self, key: str | None = None, split: str | None = None, rows: slice | None = None) -> FeatureSet:
         """Features, labels, ids and splits of ``key`` (one ``split``, or a ``rows`` slice of it).
 

@@ -1,0 +1,162 @@
+"""``featx fit-head``: fit a head on a split of cached embeddings, test it once, save it with its provenance.
+
+Training features that fit the memory budget are read at once; larger ones stream from the store
+in chunks (:mod:`featx.fitting._streamed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ..configs import FitHeadConfig
+from ..errors import FeatxError
+from ..files import jsonable
+from ..head_folder import BACKBONE_ATTRS, FORMAT, save_head
+from ..heads import HEADS, SweepResult, full_scores, make_head, showing_progress
+from ..metrics import classification_metrics
+from ..provenance import provenance
+from ..store import FeatureStore
+from ._plan import FitPlan, head_params, memory_budget, plan_fit, sweep_grid
+from ._streamed import fit_streamed
+
+__all__ = ["FitHeadResult", "fit_head", "format_params"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class FitHeadResult:
+    """What ``fit_head`` did; ``to_dict`` is the ``--json`` line."""
+
+    out: Path
+    head: str
+    model: str
+    metrics: dict
+    n_train: int
+    n_test: int
+    fit_seconds: float
+    predict_seconds: float
+    train_split: str
+    test_split: str | None  # test split name; None: a hold-out of the training split
+    test_description: str  # which rows were tested, in words
+    sweep: dict | None = None
+
+    def to_dict(self) -> dict:
+        return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
+                "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
+                "test_split": self.test_split, "test_split_description": self.test_description,
+                "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep, "out": str(self.out)}
+
+    def summary(self) -> str:
+        lines = [f"Head '{self.head}' on '{self.model}' features: trained on {self.n_train} rows of '{self.train_split}' "
+                 f"in {self.fit_seconds:.2f} s, tested on {self.n_test} rows ({self.test_description})."]
+        if self.sweep is not None and not self.sweep["curve"]:
+            lines.append(f"Nothing to sweep: '{self.head}' has no regularisation left to choose with these options "
+                         "(values given with --param stay fixed); fitted as is.")
+        elif self.sweep:
+            s = self.sweep
+            curve = ", ".join(f"{format_params(c['params'])}: {c['val_accuracy']:.4f}" for c in s["curve"])
+            lines.append(f"Sweep ({'one batched pass' if s['batched'] else 'one fit per value'}, {s['n_train']} train / "
+                         f"{s['n_val']} validation rows, {s['seconds']:.2f} s): chose {format_params(s['best'])} "
+                         f"(validation accuracy {s['best_val_accuracy']:.4f}); curve: {curve}")
+            lines += [f"Note: {note}." for note in SweepResult(**s).edge_notes()]
+        lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()))
+        lines.append(f"Saved to {self.out} (evaluate with 'featx evaluate {self.out} FEATURES.h5').")
+        return "\n".join(lines)
+
+
+def format_params(p: dict) -> str:
+    return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in p.items())
+
+
+def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.PathLike) -> FitHeadResult:
+    """Fit head ``config.head`` on the training split of ``features``, test it, save it to ``out``."""
+    out = Path(out)
+    pipeline = _pipeline(config)
+    with FeatureStore(features) as store, showing_progress(config.progress):
+        plan = plan_fit(store, features, config, out)
+        budget = memory_budget(config)
+        t0 = time.perf_counter()
+        if plan.train_bytes > budget:
+            pipeline, sweep_result, scores, y_pred = fit_streamed(store, plan, pipeline, config, budget)
+            fit_seconds = predict_seconds = time.perf_counter() - t0  # streamed: fitting and scoring share the reads
+        else:
+            pipeline, sweep_result, scores, y_pred, fit_seconds, predict_seconds = _fit_in_memory(store, plan, pipeline, config)
+    metrics = classification_metrics(plan.y_test, y_pred, scores, n_classes=len(plan.class_names))
+    sweep = sweep_result.to_dict() if sweep_result else None
+    meta = _sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds)
+    save_head(out, pipeline, meta, overwrite=True)
+    return FitHeadResult(out=out, head=config.head, model=plan.key, metrics=metrics, n_train=len(plan.train_rows),
+                         n_test=len(plan.test_rows), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
+                         train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep)
+
+
+def _pipeline(config: FitHeadConfig):
+    if config.head not in HEADS:
+        raise FeatxError(f"unknown head '{config.head}'; choose one of: {', '.join(HEADS)}")
+    return make_head(config.head, standardize=config.standardize, l2_normalize=config.l2_normalize, pca=config.pca,
+                     params=head_params(config), random_state=config.seed, device=config.device)
+
+
+def _fit_in_memory(store: FeatureStore, plan: FitPlan, pipeline, config: FitHeadConfig):
+    """(fitted pipeline, SweepResult or None, test scores, test predictions, fit seconds, predict seconds)."""
+    train = store.read(plan.key, rows=plan.train_rows).require_finite(plan.train_split)
+    test = store.read(plan.key, rows=plan.test_rows).require_finite(plan.test_split or plan.train_split)
+    t0 = time.perf_counter()
+    pipeline, sweep_result = _fit(pipeline, config, train.X, train.y)
+    fit_seconds = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = full_scores(pipeline, test.X, len(plan.class_names))
+    y_pred = np.asarray(pipeline.predict(test.X))
+    return pipeline, sweep_result, scores, y_pred, fit_seconds, time.perf_counter() - t0
+
+
+def _fit(pipeline, config: FitHeadConfig, X: np.ndarray, y: np.ndarray):
+    """(fitted pipeline, SweepResult or None)."""
+    from ..heads import sweep
+
+    try:
+        if not config.sweep:
+            return pipeline.fit(X, y), None
+        grid = sweep_grid(config, pipeline.named_steps["head"].get_params())
+        if not grid:
+            _logger.info("head '%s' has nothing to sweep with these options; fitted it as is", config.head)
+        return sweep(pipeline, X, y, grid, val_fraction=config.val_fraction, random_state=config.seed)
+    except ValueError as e:  # invalid head parameters, as scikit-learn reports them
+        raise FeatxError(f"cannot fit '{config.head}': {str(e).splitlines()[0]}") from None
+
+
+def _sidecar(config, features, data: FitPlan, pipeline, metrics, sweep, fit_seconds, predict_seconds) -> dict:
+    """head.json: what the head is, what it was fitted on and how it scored."""
+    head = pipeline.named_steps["head"]
+    return {
+        "format": FORMAT,
+        "head": config.head,
+        "estimator": type(head).__name__,
+        "params": jsonable(head.get_params()),
+        "pipeline": [name for name, _ in pipeline.steps],
+        "probability": "predict_proba" if hasattr(pipeline, "predict_proba") else "softmax of decision_function (uncalibrated)",
+        "model_key": data.key,
+        "features": str(Path(features).resolve()),
+        "feature_dim": int(data.dim),
+        "class_names": list(data.class_names),
+        "classes_seen": [int(c) for c in pipeline.classes_],
+        "backbone": {k: jsonable(data.attrs.get(k)) for k in BACKBONE_ATTRS},
+        "train_split": data.train_split,
+        "test_split": data.test_split,
+        "holdout": data.holdout,
+        "n_train": len(data.train_rows),
+        "n_test": len(data.test_rows),
+        "metrics": metrics,
+        "fit_seconds": fit_seconds,
+        "predict_seconds": predict_seconds,
+        "sweep": sweep,
+        "request": data.request,
+        **provenance(),
+    }

@@ -1,0 +1,210 @@
+"""Sweeps at the speed of the hardware: logreg's C grid in one path solve, ridge's alphas from one factorisation,
+kNN's ks from one neighbour search, and heads fitted on stores larger than a memory cap."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.linear_model import RidgeClassifier as SkRidge
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.preprocessing import StandardScaler
+
+from featx import ExtractConfig, FitHeadConfig, extract, fit_head, load_features
+from featx.cli import main
+from featx.heads import KNNClassifier, LogisticRegressionClassifier, RidgeClassifier, grid_edges
+from featx.sources import FASHION_MNIST_DIR, resolve_source
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def blobs(n_per_class=60, n_classes=3, dim=16, spread=2.5, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(0, 2, (n_classes, dim))
+    X = np.concatenate([c + rng.normal(0, spread, (n_per_class, dim)) for c in centres]).astype(np.float32)
+    return X, np.repeat(np.arange(n_classes), n_per_class)
+
+
+@pytest.fixture(scope="module")
+def fashion_lite0(tmp_path_factory, lite0_weights):
+    """Real embeddings: 2,000 train / 1,000 test Fashion-MNIST images through ImageNet EfficientNet-Lite0 at 64 px, standardised."""
+    if not Path(FASHION_MNIST_DIR).is_dir():
+        pytest.skip("needs 'apt-get install dataset-fashion-mnist'")
+    src = resolve_source("fashion-mnist")
+    rng = np.random.default_rng(0)
+    splits = np.asarray(src.splits)
+    idx = np.concatenate([rng.permutation(np.flatnonzero(splits == s))[:n] for s, n in (("train", 2000), ("test", 1000))])
+    out = tmp_path_factory.mktemp("fmnist") / "f.h5"
+    extract(src.subset(np.sort(idx)), ExtractConfig(model="tf_efficientnet_lite0", weights=lite0_weights, img_size=64, batch_size=128,
+                                                    progress=False), out)
+    tr, te = load_features(out, split="train"), load_features(out, split="test")
+    scaler = StandardScaler().fit(tr.X)
+    return scaler.transform(tr.X).astype(np.float32), tr.y, scaler.transform(te.X).astype(np.float32), te.y
+
+
+def test_logreg_path_matches_scikit_learn_per_C_on_real_embeddings(fashion_lite0):
+    Xtr, ytr, Xte, yte = fashion_lite0
+    Cs = [1e-3, 1e-2, 1e-1]
+    fitted = LogisticRegressionClassifier(device="cpu").fit_grid(Xtr, ytr, [{"C": c} for c in Cs])
+    for C, est in zip(Cs, fitted):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ref = LogisticRegression(C=C, max_iter=1000).fit(Xtr, ytr)
+        assert est.converged_ and abs(est.score(Xte, yte) - ref.score(Xte, yte)) <= 0.003, C
+        assert np.abs(est.predict_proba(Xte) - ref.predict_proba(Xte)).mean() < 0.005, C  # both within tol of one optimum
+
+
+def test_logreg_equals_its_scikit_learn_solver_and_handles_two_classes_and_weights():
+    X, y = blobs(n_classes=2)
+    y[:40] = 0  # imbalanced
+    for kw in ({}, {"class_weight": "balanced"}):
+        ours = LogisticRegressionClassifier(C=0.5, tol=1e-7, device="cpu", **kw).fit(X, y)
+        theirs = LogisticRegressionClassifier(C=0.5, tol=1e-7, solver="sklearn", **kw).fit(X, y)
+        np.testing.assert_allclose(ours.predict_proba(X), theirs.predict_proba(X), atol=2e-4)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sk = LogisticRegression(C=0.5, tol=1e-7, max_iter=5000, **kw).fit(X, y)
+        np.testing.assert_allclose(ours.decision_function(X), sk.decision_function(X), atol=2e-3)
+
+
+def test_ridge_every_alpha_from_one_factorisation_equals_scikit_learn():
+    X, y = blobs(n_classes=4)
+    alphas = [0.01, 1.0, 100.0]
+    for est, a in zip(RidgeClassifier(device="cpu").fit_grid(X, y, [{"alpha": a} for a in alphas]), alphas):
+        ref = SkRidge(alpha=a).fit(X, y)
+        np.testing.assert_allclose(est.coef_, ref.coef_, atol=1e-4)
+        np.testing.assert_allclose(est.decision_function(X), ref.decision_function(X), atol=1e-3)
+    binary = RidgeClassifier(alpha=3.0, device="cpu").fit(X, y % 2)
+    np.testing.assert_allclose(binary.decision_function(X), SkRidge(alpha=3.0).fit(X, y % 2).decision_function(X), atol=1e-3)
+
+
+def test_ridge_auto_alpha_is_the_leave_one_out_choice():
+    X, y = blobs(n_per_class=15, n_classes=3, dim=30, spread=4.0, seed=1)
+    auto = RidgeClassifier(device="cpu").fit(X, y)
+    from featx.heads._ridge import RIDGE_ALPHAS
+
+    def loo_accuracy(alpha):  # brute force: refit without each row
+        hits = [SkRidge(alpha=alpha).fit(np.delete(X, i, 0), np.delete(y, i)).predict(X[i : i + 1])[0] == y[i] for i in range(len(y))]
+        return np.mean(hits)
+
+    brute = [loo_accuracy(a) for a in RIDGE_ALPHAS[::4]]
+    assert auto.alpha_ in RIDGE_ALPHAS
+    fast = RidgeClassifier(device="cpu")
+    fast._validate()
+    fast.classes_ = np.unique(y)
+    fact = fast._factorise(X, y)
+    rows_V = fact._Xc @ fact.V
+    import torch
+
+    ours = [fact.loo_accuracy(a, torch.as_tensor(y), rows_V) for a in RIDGE_ALPHAS[::4]]
+    np.testing.assert_allclose(ours, brute, atol=1e-9)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "euclidean"])
+def test_knn_every_k_from_one_search_equals_one_fit_per_k(metric):
+    X, y = blobs(n_per_class=40, n_classes=3, spread=3.0)
+    Xv, yv = blobs(n_per_class=10, n_classes=3, spread=3.0, seed=5)
+    grid = [{"n_neighbors": k} for k in (1, 5, 15)]
+    together = KNNClassifier(metric=metric, device="cpu").grid_scores(X, y, Xv, yv, grid)
+    alone = [KNeighborsClassifier(n_neighbors=e["n_neighbors"], metric=metric, algorithm="brute").fit(X, y).score(Xv, yv) for e in grid]
+    np.testing.assert_allclose(together, alone)
+
+
+def test_knn_temperature_votes_weigh_close_neighbours_more():
+    X = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.2, 0.8]], dtype=np.float32)
+    y = np.array([0, 0, 1, 1, 1])
+    q = np.array([[0.97, 0.03]], dtype=np.float32)
+    assert KNNClassifier(n_neighbors=5, device="cpu").fit(X, y).predict(q)[0] == 1  # 3 votes against 2
+    assert KNNClassifier(n_neighbors=5, weights="temperature", device="cpu").fit(X, y).predict(q)[0] == 0
+
+
+def test_sweep_json_has_the_whole_curve_with_iterations_and_notes_grid_edges(tmp_path, capsys):
+    from featx.store import journal_path  # noqa: F401  (the store module is imported by the CLI anyway)
+
+    X, y = blobs(n_per_class=50, n_classes=3)
+    store = tmp_path / "f.h5"
+    _write_store(store, X, y)
+    rc = main(["fit-head", str(store), "--head", "logreg", "--sweep", "--out", str(tmp_path / "h"), "--device", "cpu", "--json",
+               "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    result = json.loads(out.strip().splitlines()[-1])
+    sweep_json = result["sweep"]
+    assert len(sweep_json["curve"]) >= 15 and result["sweep_best"] == sweep_json["best"] and sweep_json["seconds"] > 0
+    assert all("iterations" in c and c["converged"] for c in sweep_json["curve"])
+    edges = grid_edges([{"C": c} for c in (0.01, 0.1, 1.0)], {"C": 0.01}, [0.9, 0.8, 0.7])
+    assert edges == [{"param": "C", "value": 0.01, "side": "low", "next": pytest.approx(0.001)}]
+    assert grid_edges([{"C": c} for c in (0.01, 0.1, 1.0)], {"C": 0.01}, [0.9, 0.9, 0.9]) == []  # a flat curve has no edge
+
+
+def _write_store(path: Path, X: np.ndarray, y: np.ndarray, split: np.ndarray | None = None) -> None:
+    """A feature store group written directly (what featx extract writes, minus the images)."""
+    with h5py.File(path, "w") as f:
+        g = f.create_group("m")
+        g.create_dataset("features", data=X, chunks=(min(len(X), 256), X.shape[1]), maxshape=(None, X.shape[1]))
+        g.create_dataset("labels", data=y.astype(np.int64))
+        g.create_dataset("ids", data=[f"row{i}" for i in range(len(y))], dtype=h5py.string_dtype("utf-8"))
+        g.create_dataset("split", data=np.zeros(len(y), np.int8) if split is None else split)
+        g.create_dataset("index", data=np.arange(len(y)))
+        s = g.create_group("skipped")
+        for name in ("ids", "reasons"):
+            s.create_dataset(name, data=np.array([], dtype=object), dtype=h5py.string_dtype("utf-8"))
+        s.create_dataset("index", data=np.array([], dtype=np.int64))
+        g.attrs.update({"model": "m", "weights_sha256": "0" * 64, "class_names": json.dumps([f"c{k}" for k in range(int(y.max()) + 1)]),
+                        "split_names": json.dumps(["train", "test"]), "num_features": X.shape[1], "n_rows": len(y), "n_skipped": 0})
+
+
+@pytest.mark.parametrize("head", ["logreg", "torch-linear", "mlp"])
+def test_heads_stream_a_store_larger_than_the_memory_cap(tmp_path, head, monkeypatch, caplog):
+    from featx.store import FeatureStore
+
+    X, y = blobs(n_per_class=400, n_classes=3, dim=32, spread=3.0)
+    store = tmp_path / "f.h5"
+    _write_store(store, X, y)
+    largest = []
+    original = FeatureStore.features_of
+
+    def spy(self, key, rows):
+        largest.append(len(rows))
+        return original(self, key, rows)
+
+    monkeypatch.setattr(FeatureStore, "features_of", spy)
+    params = {"max_epochs": 15} if head != "logreg" else {}
+    cap_gb = 32e3 / 1e9  # 32 kB: a fifth of the 960 training rows x 32 features
+    with caplog.at_level(logging.INFO):
+        streamed = fit_head(store, FitHeadConfig(head=head, device="cpu", params=params, max_memory=cap_gb, progress=False,
+                                                 sweep=head == "logreg"), tmp_path / "s")
+    assert "streaming them in chunks" in caplog.text
+    assert max(largest) * 32 * 4 <= cap_gb * 1e9 / 4 + 256 * 128  # never more than a chunk of rows read at once
+    in_memory = fit_head(store, FitHeadConfig(head=head, device="cpu", params=params, progress=False, sweep=head == "logreg"),
+                         tmp_path / "m")
+    assert streamed.metrics["accuracy"] >= in_memory.metrics["accuracy"] - 0.03 and streamed.metrics["accuracy"] > 0.8
+
+
+def test_a_head_that_needs_memory_is_refused_with_the_fix(tmp_path, capsys):
+    X, y = blobs(n_per_class=100, n_classes=3)
+    _write_store(tmp_path / "f.h5", X, y)
+    rc = main(["fit-head", str(tmp_path / "f.h5"), "--head", "knn", "--out", str(tmp_path / "h"), "--max-memory", "0.000001"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "needs its" in err and "use a head that streams (logreg, torch-linear, mlp)" in err
+    assert not (tmp_path / "h").exists()
+
+
+def test_bad_grid_values_are_one_line_errors(tmp_path, capsys):
+    X, y = blobs(n_per_class=30, n_classes=3)
+    _write_store(tmp_path / "f.h5", X, y)
+    for grid, fragment in (("C=0.1,-1", "C=-1 is not positive"), ("gamma=1,2", "has no parameter gamma"), ("C=a,b", "not a number")):
+        rc = main(["fit-head", str(tmp_path / "f.h5"), "--head", "logreg", "--sweep", "--grid", grid, "--out", str(tmp_path / "h")])
+        err = capsys.readouterr().err
+        assert rc == 2 and fragment in err and "Traceback" not in err, err
+    assert not (tmp_path / "h").exists()
+    rc = main(["fit-head", str(tmp_path / "f.h5"), "--head", "logreg", "--sweep", "--grid", "C=0.01,0.1,1", "--out", str(tmp_path / "h"),
+               "--json", "--no-progress"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and [c["params"]["C"] for c in result["sweep"]["curve"]] == [0.01, 0.1, 1.0]
