@@ -9,6 +9,8 @@ benchmarks/heads.png (accuracy against fit time).
 
     python benchmarks/heads.py --quick          # subsets, a few minutes on a 2-core CPU
     python benchmarks/heads.py                  # full sets (GPU machine recommended)
+    python benchmarks/heads.py --section sweeps # featx's logreg / ridge / kNN sweeps against scikit-learn's (full CIFAR-10)
+    python benchmarks/heads.py --section large_store  # fit-head on a store 4x larger than its memory cap: peak RSS
 """
 
 from __future__ import annotations
@@ -127,9 +129,24 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md / heads.png")
-    p.add_argument("--section", default="heads", help="RESULTS.md section (and PNG name) to write (default: heads)")
+    p.add_argument("--section", default="heads", help="RESULTS.md section (and PNG name) to write (default: heads); "
+                   "'sweeps' and 'large_store' run those comparisons instead")
+    p.add_argument("--features", type=Path, default=CACHE / "cifar10-full-lite0-224.h5",
+                   help="sweeps: store with train and test splits (extracted from CIFAR-10 with featx extract when missing)")
+    p.add_argument("--sweep-heads", nargs="+", default=["logreg", "ridge", "knn"])
+    p.add_argument("--sweep-rows", type=int, help="sweeps: use this many training rows (default: all)")
+    p.add_argument("--store-gb", type=float, default=2.0, help="large_store: size of the synthetic store")
+    p.add_argument("--cap-gb", type=float, default=0.5, help="large_store: --max-memory given to fit-head")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="heads: %(message)s")
+    if args.section in ("sweeps", "large_store"):
+        from _sections import run_section
+
+        md = run_section(args)
+        print(md)
+        if not args.no_write:
+            write_section(args.section, md)
+        return
     n_train = args.n_train or (2000 if args.quick else None)
     n_test = args.n_test or (1000 if args.quick else None)
     args.img_size = args.img_size or (160 if args.quick else 224)

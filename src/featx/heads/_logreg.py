@@ -39,7 +39,7 @@ def logistic_objective(X: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, penal
         W, b = theta[:, : D * K].view(h, D, K), theta[:, D * K :]
         W_cat = W.permute(1, 0, 2).reshape(D, h * K)
         f = torch.zeros(h, dtype=torch.float64, device=X.device)
-        gW = torch.zeros(D, h * K, dtype=X.dtype, device=X.device)
+        gWT = torch.zeros(h * K, D, dtype=X.dtype, device=X.device)  # transposed: P^T X runs several times faster than X^T P
         gb = torch.zeros(h, K, dtype=X.dtype, device=X.device)
         for s in range(0, n, chunk_rows):
             xc, yc, wc = X[s : s + chunk_rows], y[s : s + chunk_rows], sw[s : s + chunk_rows]
@@ -50,11 +50,11 @@ def logistic_objective(X: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, penal
             p = torch.softmax(z, 2)
             p[torch.arange(len(xc), device=X.device), :, yc] -= 1.0
             p *= wc[:, None, None]
-            gW += xc.T @ p.view(len(xc), h * K)
+            gWT += p.view(len(xc), h * K).T.contiguous() @ xc
             gb += p.sum(0)
         pen = penalties[heads]
         f = f / sw_sum + 0.5 * pen.double() * (W.double() ** 2).sum((1, 2))
-        gW = gW.view(D, h, K).permute(1, 0, 2) / sw_sum + pen[:, None, None] * W
+        gW = gWT.view(h, K, D).transpose(1, 2) / sw_sum + pen[:, None, None] * W
         return f.to(theta.dtype), torch.cat([gW.reshape(h, D * K), gb / sw_sum], 1)
 
     return loss_grad
@@ -87,7 +87,7 @@ class LogisticRegressionClassifier(TorchHead):
     """
 
     def __init__(self, *, C: float = 1.0, tol: float = 1e-4, max_iter: int = 1000, class_weight=None, solver: str = "lbfgs",
-                 heads_per_pass: int = 1, device: str = "auto", random_state: int = 0):
+                 heads_per_pass: int = 4, device: str = "auto", random_state: int = 0):
         self.C = C
         self.tol = tol
         self.max_iter = max_iter

@@ -18,34 +18,60 @@ __all__ = ["RidgeClassifier", "RIDGE_ALPHAS"]
 RIDGE_ALPHAS = tuple(float(f"{a:.3g}") for a in np.logspace(-2, 6, 17))
 
 
+def _eigh(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of a symmetric matrix; on CPU with LAPACK's MRRR driver through SciPy, which took
+    0.6 s where torch.linalg.eigh took 23 s on a 1280 x 1280 Gram matrix on the 2-core machine of benchmarks/RESULTS.md."""
+    if gram.device.type != "cpu":
+        return torch.linalg.eigh(gram)
+    import scipy.linalg
+
+    lam, V = scipy.linalg.eigh(gram.numpy(), driver="evr")
+    return torch.from_numpy(lam), torch.from_numpy(V)
+
+
 class _Factorisation:
-    """Weighted, centred training data in the eigenbasis of its Gram matrix: every alpha's solution is a rescaling."""
+    """Weighted, centred training data, its Gram matrix, and (on demand, once) the Gram matrix's eigenbasis, in which
+    every alpha's solution is a rescaling."""
 
     def __init__(self, X: torch.Tensor, T: torch.Tensor, w: torch.Tensor):
         sw = w.sum()
         self.x_mean = (w[:, None] * X).sum(0) / sw
         self.t_mean = (w[:, None] * T).sum(0) / sw
         self.root_w = w.sqrt()[:, None]
-        Xc = (X - self.x_mean) * self.root_w
-        Tc = (T - self.t_mean) * self.root_w
-        self.lam, self.V = torch.linalg.eigh((Xc.T @ Xc).double())  # D x D: features are few compared with rows
-        self.lam = self.lam.clamp_min(0)
-        self.V = self.V.to(X.dtype)
-        self.proj_t = (self.V.T @ (Xc.T @ Tc)).double()  # V^T X^T T  [D, K]
-        self._Xc, self._Tc, self.sw = Xc, Tc, sw
+        self._Xc = (X - self.x_mean) * self.root_w
+        self._Tc = (T - self.t_mean) * self.root_w
+        self.gram = (self._Xc.T @ self._Xc).double()  # D x D: features are few compared with rows
+        self.xt = (self._Xc.T @ self._Tc).double()  # X^T T  [D, K]
+        self.sw = sw
+        self._eig = None
 
-    def coef(self, alpha: float) -> torch.Tensor:
-        """W [D, K] of ``min ||T - X W - b||^2_w + alpha ||W||^2``."""
-        return (self.V.double() @ (self.proj_t / (self.lam[:, None] + alpha))).to(self.V.dtype)
+    @property
+    def eig(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eigenvalues, eigenvectors, V^T X^T T) of the Gram matrix, computed once."""
+        if self._eig is None:
+            lam, V = _eigh(self.gram)
+            self._eig = (lam.clamp_min(0), V, V.T @ self.xt)
+        return self._eig
+
+    def coef(self, alpha: float, *, path: bool = True) -> torch.Tensor:
+        """W [D, K] of ``min ||T - X W - b||^2_w + alpha ||W||^2``: from the eigenbasis (``path``), or one Cholesky solve."""
+        if path:
+            lam, V, proj = self.eig
+            W = V @ (proj / (lam[:, None] + alpha))
+        else:
+            eye = torch.eye(len(self.gram), dtype=self.gram.dtype, device=self.gram.device)
+            W = torch.cholesky_solve(self.xt, torch.linalg.cholesky(self.gram + alpha * eye))
+        return W.to(self._Xc.dtype)
 
     def intercept(self, W: torch.Tensor) -> torch.Tensor:
         return self.t_mean - self.x_mean @ W
 
     def loo_accuracy(self, alpha: float, y: torch.Tensor, rows_V: torch.Tensor) -> float:
         """Exact leave-one-out accuracy of ``alpha`` (hat-matrix diagonal from the eigenbasis; intercept included)."""
+        lam = self.eig[0]
         W = self.coef(alpha)
         fitted = self._Xc @ W  # weighted, centred predictions
-        hat = (rows_V.double() ** 2 / (self.lam + alpha)).sum(1) + (self.root_w[:, 0].double() ** 2) / self.sw.double()
+        hat = (rows_V.double() ** 2 / (lam + alpha)).sum(1) + (self.root_w[:, 0].double() ** 2) / self.sw.double()
         loo = (self._Tc - (self._Tc - fitted) / (1 - hat.to(fitted.dtype))[:, None]) / self.root_w + self.t_mean
         predicted = (loo[:, 0] > 0).long() if loo.shape[1] == 1 else loo.argmax(1)
         return float((predicted == y).float().mean())
@@ -88,16 +114,15 @@ class RidgeClassifier(TorchHead):
 
     def _fit(self, X, y_idx) -> None:
         fact = self._factorise(X, y_idx)
-        alpha = self.alpha
-        if alpha == "auto":
-            rows_V = fact._Xc @ fact.V
-            yt = torch.as_tensor(y_idx, device=rows_V.device)
-            scores = [fact.loo_accuracy(a, yt, rows_V) for a in RIDGE_ALPHAS]
-            alpha = RIDGE_ALPHAS[int(np.argmax(scores))]
-        self._set_solution(fact, float(alpha))
+        if self.alpha != "auto":
+            return self._set_solution(fact, float(self.alpha), path=False)
+        rows_V = fact._Xc @ fact.eig[1].to(fact._Xc.dtype)
+        yt = torch.as_tensor(y_idx, device=rows_V.device)
+        scores = [fact.loo_accuracy(a, yt, rows_V) for a in RIDGE_ALPHAS]
+        self._set_solution(fact, RIDGE_ALPHAS[int(np.argmax(scores))])
 
-    def _set_solution(self, fact: _Factorisation, alpha: float) -> None:
-        W = fact.coef(alpha)
+    def _set_solution(self, fact: _Factorisation, alpha: float, path: bool = True) -> None:
+        W = fact.coef(alpha, path=path)
         self.coef_ = W.T.cpu().numpy().astype(np.float32).copy()  # [K or 1, D], as scikit-learn
         self.intercept_ = fact.intercept(W).cpu().numpy().astype(np.float32).copy()
         self.alpha_ = alpha
