@@ -30,6 +30,8 @@ class ExtractConfig:
     compile: bool = False  # torch.compile the backbone
     dtype: str = "float32"  # storage dtype of the features: float32 | float16
     preprocess: str = "auto"  # device (batched resize/crop/normalise) | host (timm's PIL transform) | auto
+    layers: str = "last"  # pooled outputs, concatenated in this order: last and stages from the end, e.g. 'last,-1,-2'
+    tta: str | None = None  # test-time augmentation: None or 'flip' (average over the image and its mirror)
     key: str | None = None  # group name in the store (default: the model name)
     overwrite: bool = False  # replace an existing group made with other settings
     progress: bool = True  # show a progress bar

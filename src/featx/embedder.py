@@ -49,6 +49,57 @@ def pooling_name(model: torch.nn.Module) -> str:
     return str(getattr(pool, "pool_type", type(pool).__name__ if pool is not None else "model-default"))
 
 
+@dataclass(frozen=True)
+class Tap:
+    """One pooled output in the embedding: its name ('last' or a stage counted from the end), stage index, columns."""
+
+    name: str
+    stage: int | None  # absolute index into feature_info; None for 'last'
+    start: int
+    stop: int
+
+    @property
+    def dim(self) -> int:
+        return self.stop - self.start
+
+
+def parse_taps(layers: str, model: torch.nn.Module, model_name: str) -> list[Tap]:
+    """``'last,-1,-2'`` -> taps with their column ranges, checked against the model's stages."""
+    names = [t.strip() for t in str(layers).split(",") if t.strip()]
+    if not names:
+        raise FeatxError("--layers is empty; use last, or last plus stages counted from the end, e.g. last,-1,-2")
+    stages = list(getattr(model, "feature_info", []) or [])
+    taps, start = [], 0
+    for name in names:
+        if name == "last":
+            dim, stage = int(model.num_features), None
+        else:
+            try:
+                k = int(name)
+            except ValueError:
+                raise FeatxError(f"unknown --layers entry '{name}'; use last or a negative stage index such as -1") from None
+            if not stages or not hasattr(model, "forward_intermediates"):
+                raise FeatxError(f"'{model_name}' exposes no stages (timm forward_intermediates); use --layers last")
+            if not -len(stages) <= k <= -1:
+                raise FeatxError(f"--layers {name}: '{model_name}' has {len(stages)} stages; use -1 .. -{len(stages)} (or last)")
+            stage, dim = len(stages) + k, int(stages[len(stages) + k]["num_chs"])
+        if any(t.name == name for t in taps):
+            raise FeatxError(f"--layers names '{name}' twice")
+        taps.append(Tap(name, stage, start, start + dim))
+        start += dim
+    return taps
+
+
+def _tapped(model: torch.nn.Module, x: torch.Tensor, taps: list[Tap]) -> torch.Tensor:
+    """Every tap from one forward pass: stages global-average-pooled, 'last' as the model's own pooled pre-logits."""
+    stages = sorted({t.stage for t in taps if t.stage is not None})
+    want_last = any(t.stage is None for t in taps)
+    out = model.forward_intermediates(x, indices=stages, intermediates_only=not want_last)
+    final, inter = out if want_last else (None, out)
+    pooled = {s: f.float().mean((2, 3)) for s, f in zip(stages, inter)}
+    return torch.cat([model.forward_head(final, pre_logits=True).float() if t.stage is None else pooled[t.stage] for t in taps], 1)
+
+
 class ImageEmbedder(TransformerMixin, BaseEstimator):
     """Pooled pre-logits embeddings of a frozen timm backbone, preprocessing taken from timm.
 
@@ -62,13 +113,17 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     preprocess : 'device' (decode in workers, resize/crop/normalise batched on the device),
         'host' (timm's PIL transform per image) or 'auto' (device when it reproduces the transform).
     channels_last, compile : memory format and torch.compile of the backbone.
+    layers : which outputs to pool and concatenate, in this order: 'last' (the pooled pre-logits) and stages counted
+        from the end (-1 the last stage of timm's ``feature_info``, -2 the one before ...), e.g. 'last,-1,-2'; every tap
+        comes from the same forward pass (``forward_intermediates``) and is global-average-pooled.
+    tta : None, or 'flip': the embedding averaged over the image and its horizontal mirror (one batched forward of both).
     random_state : seed of the initialisation when no weights are loaded.
     """
 
     def __init__(self, model: str = "tf_efficientnet_lite0", *, pretrained: bool = False, weights: str | None = None,
                  img_size: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
                  workers: int | None = None, preprocess: str = "auto", channels_last: bool = True, compile: bool = False,
-                 random_state: int = 0):
+                 layers: str = "last", tta: str | None = None, random_state: int = 0):
         self.model = model
         self.pretrained = pretrained
         self.weights = weights
@@ -80,6 +135,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.preprocess = preprocess
         self.channels_last = channels_last
         self.compile = compile
+        self.layers = layers
+        self.tta = tta
         self.random_state = random_state
 
     # -- building ------------------------------------------------------------------------------
@@ -95,7 +152,10 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.geometry_ = Geometry.from_transform(self.transform_)
         self.preprocess_ = self._preprocess_mode()
         self._device_pre = DevicePreprocessor(self.geometry_) if self.preprocess_ == "device" else None
-        self.num_features_ = self.info_.num_features
+        self.taps_ = parse_taps(self.layers, self.model_, self.model)
+        if self.tta not in (None, "none", "flip"):
+            raise FeatxError(f"unknown --tta '{self.tta}'; use flip (or leave it out)")
+        self.num_features_ = sum(t.dim for t in self.taps_)
         self._forward_model = None
         return self
 
@@ -120,7 +180,13 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             "img_size": int(self.data_config_["input_size"][-1]),
             "pooling": pooling_name(self.model_),
             "precision": self.precision_,
+            "layers": ",".join(t.name for t in self.taps_),
+            "tta": self.tta or "none",
         }
+
+    def taps_json(self) -> str:
+        """The concatenation order and the column range of every tap, recorded with the features."""
+        return json.dumps([{"tap": t.name, "start": t.start, "stop": t.stop} for t in self.taps_])
 
     # -- embedding -----------------------------------------------------------------------------
     def prepare(self, img: Image.Image) -> torch.Tensor:
@@ -145,10 +211,15 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             x = self._device_pre(prepared, self.device_)
         else:
             x = torch.stack(prepared).to(self.device_, non_blocking=True)
+        if self.tta == "flip":
+            x = torch.cat([x, x.flip(3)])
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device_, self.precision_):
-            return model(x).float()
+            feats = (model(x) if [t.name for t in self.taps_] == ["last"] else _tapped(model, x, self.taps_)).float()
+        if self.tta == "flip":
+            feats = (feats[: len(feats) // 2] + feats[len(feats) // 2 :]) / 2
+        return feats
 
     def iter_batches(self, source: ImageSource, *, start: int = 0, batch_size: int | None = None):
         """Yield an :class:`EmbeddedBatch` per batch of the fixed grid ``[start, start + batch_size), ...``.

@@ -89,7 +89,8 @@ def extract(source: str | ImageSource, config: ExtractConfig, out: str | os.Path
         raise FeatxError(f"unknown storage dtype '{config.dtype}'; use float32 or float16")
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=config.device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
-                             preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile).fit()
+                             preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile,
+                             layers=config.layers, tta=config.tta).fit()
     key = config.key or config.model
     store_key = StoreKey(**embedder.identity(), dtype=config.dtype, image_list_sha256=src.fingerprint())
     existing = group_attrs(out, key)
@@ -152,6 +153,7 @@ def _group_meta(key: str, src: ImageSource, embedder: ImageEmbedder) -> dict:
         "weights_file_sha256": info.weights_file_sha256 or "",
         "weights_load": info.load_notice,
         "geometry": geometry.to_json() if geometry else "",
+        "taps": embedder.taps_json(),
         **provenance(),
     }
 

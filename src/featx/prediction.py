@@ -136,7 +136,8 @@ def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 6
     mode = json.loads(bb.get("preprocessing") or "{}").get("mode", "host")
     embedder = ImageEmbedder(bb["model"], pretrained=recorded == "timm-pretrained" and weights is None, weights=ckpt,
                              img_size=bb.get("img_size"), device=device, precision=_precision(bb, device), batch_size=batch_size,
-                             workers=workers, preprocess=mode).fit()
+                             workers=workers, preprocess=mode, layers=bb.get("layers") or "last",
+                             tta=None if bb.get("tta") in (None, "none") else bb["tta"]).fit()
     if embedder.info_.weights_sha256 != bb.get("weights_sha256"):
         raise FeatxError(
             f"the backbone weights ({embedder.info_.weights}) hash to {embedder.info_.weights_sha256[:12]}..., but head "

@@ -28,9 +28,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_list_values(argv: list[str]) -> list[str]:
+    """``--layers -1,-2`` as ``--layers=-1,-2``: argparse takes a value that starts with '-' for an option otherwise."""
+    out, it = [], iter(argv)
+    for a in it:
+        out.append(a)
+        if a == "--layers":
+            value = next(it, None)
+            if value is not None:
+                out[-1] = f"--layers={value}"
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_list_values(sys.argv[1:] if argv is None else list(argv)))
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="featx: %(message)s", stream=sys.stderr)
     try:
         with library_warnings_said_once():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import h5py
@@ -31,9 +31,13 @@ class StoreKey:
     precision: str  # fp32 / bf16 / fp16 compute
     dtype: str  # storage dtype
     image_list_sha256: str  # hash of ids, labels, splits (and pixels for in-memory datasets)
+    layers: str = "last"  # pooled outputs concatenated: 'last' and stages counted from the end
+    tta: str = "none"  # test-time augmentation: none | flip
 
     def differences(self, attrs) -> list[str]:
-        return [k for k, v in asdict(self).items() if str(attrs.get(k)) != str(v)]
+        """Fields whose value differs from ``attrs`` (a field a store predates counts as its default)."""
+        defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
+        return [k for k, v in asdict(self).items() if str(attrs.get(k, defaults.get(k))) != str(v)]
 
 
 @dataclass
