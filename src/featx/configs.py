@@ -11,7 +11,11 @@ from dataclasses import dataclass, field
 
 from .errors import FeatxError
 
-__all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "DemoConfig", "parse_freeze"]
+__all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "DemoConfig", "CompareConfig", "parse_freeze",
+           "FAST_HEADS"]
+
+# The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
+FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
 
 
 @dataclass
@@ -84,6 +88,24 @@ class DemoConfig:
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
     batch_size: int = 64  # images per forward pass
     progress: bool = True  # show a progress bar
+
+
+@dataclass
+class CompareConfig:
+    """Options of ``featx compare``."""
+
+    models: list[str] = field(default_factory=list)  # NAME[=WEIGHTS]; WEIGHTS: a checkpoint, 'package' or 'pretrained'
+    heads: str = ",".join(FAST_HEADS)  # heads to fit with --sweep on every backbone, comma-separated, or 'all'
+    finetune: bool = False  # also fine-tune every backbone with the default recipe
+    img_size: int | None = None  # input resolution (default: each model's)
+    layers: str = "last"  # pooled outputs of every backbone (as featx extract --layers)
+    tta: str | None = None  # None or 'flip' (as featx extract --tta)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
+    batch_size: int = 64  # images per forward pass
+    workers: int | None = None  # decoding workers (default: 0 on CPU, up to 16 on CUDA)
+    precision: str = "auto"  # compute: auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    seed: int = 0  # seed of the hold-out and the validation splits
+    progress: bool = True  # show the progress bar over the plan
 
 
 @dataclass

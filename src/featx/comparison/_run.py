@@ -1,0 +1,214 @@
+"""``featx compare``: extract every backbone into one store, fit every head with --sweep, optionally fine-tune, rank.
+
+Every step is cached: a group already in the store with the same settings is a cache hit, a head folder whose
+request and image list match is reused, a finished fine-tuning run is reused; an interrupted comparison rerun
+continues from what is finished.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ..configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
+from ..errors import FeatxError
+from ..extraction import extract
+from ..files import write_text_atomic
+from ..fitting import fit_head, plan_fit
+from ..heads import HEADS
+from ..sources import ImageSource, resolve_source
+from ..store import FeatureStore
+from ._plan import Backbone, parse_heads, parse_models
+from ._report import Leaderboard, finetune_row, head_row
+
+__all__ = ["CompareResult", "compare"]
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CompareResult:
+    """The leaderboard and where it was written."""
+
+    out: Path
+    leaderboard: Leaderboard
+    plan: str  # the one-line plan printed at the start
+    done: dict = field(default_factory=dict)  # {'extracted': n, 'cached_groups': n, 'fitted': n, 'cached_heads': n, ...}
+
+    def to_dict(self) -> dict:
+        return {"out": str(self.out), "plan": self.plan, "done": self.done, **self.leaderboard.to_dict()}
+
+    def summary(self) -> str:
+        return self.leaderboard.markdown() + f"\n\nWrote {', '.join(str(p) for p in self.leaderboard.paths)}."
+
+
+def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out: str | os.PathLike) -> CompareResult:
+    """The leaderboard of ``config.models`` x ``config.heads`` (x fine-tuning) on ``source``, or of every group of a store."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FeatxError(f"--out '{out}' is a file; pass a folder for the comparison")
+    heads = parse_heads(config.heads)
+    from_store = not isinstance(source, ImageSource) and _is_store(source)
+    if from_store:
+        if config.models or config.finetune:
+            raise FeatxError("comparing an existing store uses its groups; --model and --finetune need an image SOURCE")
+        store, backbones, src = Path(source), None, None
+    else:
+        backbones = parse_models(config)
+        src = source if isinstance(source, ImageSource) else resolve_source(source)
+        if not (src.labels >= 0).any():
+            raise FeatxError(f"source '{src.name}' has no labels; a comparison needs labelled images (<class>/<image> or a CSV label column)")
+        store = out / "features.h5"
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    steps = _Steps(out, store, heads, config, backbones)
+    plan = steps.describe(src)
+    _logger.info("%s", plan)
+    with tqdm(total=steps.total, desc="compare", unit="step", disable=not config.progress) as bar:
+        steps.bar = bar
+        groups = steps.extract_all(src) if backbones else _store_groups(store)
+        rows = [r for key in groups for r in steps.fit_heads(key)]
+        if config.finetune:
+            rows += [steps.finetune(src, b) for b in backbones]
+    leaderboard = Leaderboard(rows, steps.test_description(groups[0]), n_classes=steps.n_classes(groups[0]))
+    leaderboard.write(out)
+    steps.done["seconds"] = time.perf_counter() - t0
+    return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done)
+
+
+def _is_store(source) -> bool:
+    import h5py
+
+    path = Path(source)
+    return path.is_file() and path.suffix.lower() in (".h5", ".hdf5") and h5py.is_hdf5(path)
+
+
+def _store_groups(store: Path) -> list[str]:
+    """Every group of an existing store; they must hold features of one image list."""
+    with FeatureStore(store) as fs:
+        groups = fs.models()
+        if not groups:
+            raise FeatxError(f"feature store '{store}' holds no features")
+        lists = {g: fs.attrs(g).get("image_list_sha256") for g in groups}
+    first = groups[0]
+    other = [g for g in groups if lists[g] != lists[first]]
+    if other:
+        raise FeatxError(f"group '{other[0]}' of '{store}' was extracted from another image list than '{first}'; "
+                         "compare groups of the same images (extract them from one source)")
+    return groups
+
+
+class _Steps:
+    """The comparison's steps, each skipped when its result is already there."""
+
+    def __init__(self, out: Path, store: Path, heads: list[str], config: CompareConfig, backbones: list[Backbone] | None):
+        self.out, self.store, self.heads, self.config, self.backbones = out, store, heads, config, backbones
+        self.done = {"extracted": 0, "cached_groups": 0, "fitted": 0, "cached_heads": 0, "finetuned": 0, "cached_finetunes": 0}
+        self.bar = None
+        self.groups = [b.key for b in backbones] if backbones else _store_groups(store)
+        self.total = len(self.groups) * (len(heads) + (1 if backbones else 0) + (1 if config.finetune else 0))
+
+    def describe(self, src: ImageSource | None) -> str:
+        cached_groups = self._cached_groups()
+        cached_heads = sum(self._cached_head(g, h) is not None for g in cached_groups for h in self.heads)
+        return (f"{len(self.groups)} backbone{'s' if len(self.groups) > 1 else ''} x {len(self.heads)} heads"
+                + (" + fine-tuning" if self.config.finetune else "")
+                + (f" on {len(src)} images of '{src.name}'" if src is not None else f" on the groups of '{self.store}'")
+                + f", {len(cached_groups)} backbone{'s' if len(cached_groups) != 1 else ''} and {cached_heads} heads cached")
+
+    def _cached_groups(self) -> list[str]:
+        if not self.store.exists():
+            return []
+        with FeatureStore(self.store) as fs:
+            return [g for g in fs.models() if g in self.groups]
+
+    def _step(self, what: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update()
+
+    def extract_all(self, src: ImageSource) -> list[str]:
+        c = self.config
+        for b in self.backbones:
+            result = extract(src, ExtractConfig(model=b.model, pretrained=b.pretrained, weights=b.weights, img_size=c.img_size,
+                                                device=c.device, batch_size=c.batch_size, workers=c.workers, precision=c.precision,
+                                                layers=c.layers, tta=c.tta, key=b.key, progress=False), self.store)
+            self.done["cached_groups" if result.cache_hit else "extracted"] += 1
+            self._step(f"{b.key}: {'cached' if result.cache_hit else f'{result.images_per_s:.0f} img/s'}")
+        return [b.key for b in self.backbones]
+
+    def _head_dir(self, group: str, head: str) -> Path:
+        return self.out / "heads" / group / head
+
+    def _head_config(self, group: str, head: str) -> FitHeadConfig:
+        return FitHeadConfig(head=head, model=group, sweep=bool(HEADS[head].grid), device=self.config.device, seed=self.config.seed,
+                             progress=False, overwrite=True)
+
+    def _cached_head(self, group: str, head: str) -> dict | None:
+        """The sidecar of a head fitted earlier with the same request on the same images, else None."""
+        sidecar = self._head_dir(group, head) / "head.json"
+        if not sidecar.is_file():
+            return None
+        try:
+            meta = json.loads(sidecar.read_text())
+            with FeatureStore(self.store) as fs:
+                attrs = fs.attrs(group)
+                want = plan_fit(fs, self.store, self._head_config(group, head), None).request
+        except (OSError, json.JSONDecodeError, FeatxError):
+            return None
+        same_images = meta.get("backbone", {}).get("image_list_sha256") == attrs.get("image_list_sha256")
+        same_weights = meta.get("backbone", {}).get("weights_sha256") == attrs.get("weights_sha256")
+        return meta if meta.get("request") == want and same_images and same_weights else None
+
+    def fit_heads(self, group: str) -> list[dict]:
+        with FeatureStore(self.store) as fs:
+            attrs = fs.attrs(group)
+        rows = []
+        for head in self.heads:
+            meta = self._cached_head(group, head)
+            if meta is None:
+                fit_head(self.store, self._head_config(group, head), self._head_dir(group, head))
+                meta = json.loads((self._head_dir(group, head) / "head.json").read_text())
+                self.done["fitted"] += 1
+            else:
+                self.done["cached_heads"] += 1
+            rows.append(head_row(group, head, meta, attrs))
+            self._step(f"{group} {head}: {rows[-1]['accuracy']:.3f}")
+        return rows
+
+    def finetune(self, src: ImageSource, b: Backbone) -> dict:
+        from ..finetuning import finetune
+
+        c = self.config
+        run_dir = self.out / "finetune" / b.key
+        config = FinetuneConfig(model=b.model, pretrained=b.pretrained, weights=b.weights, img_size=c.img_size, device=c.device,
+                                precision=c.precision, workers=c.workers, seed=c.seed, progress=False, resume=True)
+        metrics_file = run_dir / "metrics.json"
+        if metrics_file.is_file():
+            self.done["cached_finetunes"] += 1
+        else:
+            finetune(src, config, run_dir)
+            self.done["finetuned"] += 1
+        metrics = json.loads(metrics_file.read_text())
+        with FeatureStore(self.store) as fs:
+            attrs = fs.attrs(b.key)
+        self._step(f"{b.key} fine-tune: {metrics['accuracy']:.3f}")
+        return finetune_row(b.key, metrics, attrs)
+
+    def test_description(self, group: str) -> dict:
+        """Which images every row is scored on (the fit-head rule), with their ids written to test_images.txt."""
+        with FeatureStore(self.store) as fs:
+            plan = plan_fit(fs, self.store, self._head_config(group, self.heads[0]), None)
+            ids = fs.read(plan.key, rows=plan.test_rows).ids.tolist()
+        write_text_atomic(self.out / "test_images.txt", "\n".join(ids) + "\n")
+        return {"description": plan.test_description, "n": len(ids), "file": "test_images.txt"}
+
+    def n_classes(self, group: str) -> int:
+        with FeatureStore(self.store) as fs:
+            return len(fs.class_names(group))

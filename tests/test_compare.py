@@ -1,0 +1,117 @@
+"""featx compare: the leaderboard of backbones x heads on the user's images, cached step by step."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+
+import pytest
+
+from conftest import make_image_folder
+from featx import CompareConfig, compare
+from featx.cli import main
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FAST = ["--img-size", "32", "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cmp") / "images"
+    make_image_folder(root, per_class=8, splits=("train",))
+    make_image_folder(root, per_class=4, splits=("test",), seed=500)
+    return root
+
+
+def _run(capsys, *argv):
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_compare_two_backbones_two_heads_then_the_cache(images, tmp_path, capsys, caplog, monkeypatch):
+    out = tmp_path / "cmp"
+    args = ["compare", images, "--model", "test_resnet", "--model", "test_efficientnet", "--heads", "logreg,ncm", "--out", out, *FAST]
+    with caplog.at_level(logging.INFO):
+        rc, stdout, err = _run(capsys, *args)
+    assert rc == 0, err
+    assert "2 backbones x 2 heads" in caplog.text and "0 backbones and 0 heads cached" in caplog.text
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert list(rows[0])[:5] == ["backbone", "head", "accuracy", "balanced_accuracy", "macro_f1"]
+    assert {(r["backbone"], r["head"]) for r in rows} == {(b, h) for b in ("test_resnet", "test_efficientnet") for h in ("logreg", "ncm")}
+    accuracies = [float(r["accuracy"]) for r in rows]
+    assert accuracies == sorted(accuracies, reverse=True)
+    assert all(float(r["extract_images_per_s"]) > 0 and int(r["dim"]) > 0 and int(r["n_test"]) == 12 for r in rows)
+    board = json.loads((out / "leaderboard.json").read_text())
+    assert board["test_images"]["n"] == 12 and "split 'test'" in board["test_images"]["description"]
+    assert len((out / "test_images.txt").read_text().split()) == 12
+    assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG" and "| backbone | head |" in stdout
+    assert (out / "leaderboard.md").read_text().count("| test_") == 4
+
+    import featx.comparison._run as run_module
+
+    def no_work(*a, **k):
+        raise AssertionError("a cached comparison extracted or fitted again")
+
+    monkeypatch.setattr(run_module, "fit_head", no_work)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        rc, stdout, err = _run(capsys, *args)
+    assert rc == 0, err
+    assert "2 backbones and 4 heads cached" in caplog.text
+    assert "Cache hit" not in stdout and list(csv.DictReader(open(out / "leaderboard.csv"))) == rows
+    monkeypatch.undo()
+    more = ["compare", images, "--model", "test_resnet", "--model", "test_efficientnet", "--heads", "logreg,ncm,ridge", "--out", out, *FAST]
+    rc, stdout, err = _run(capsys, *more)  # one more head: only it is fitted
+    assert rc == 0 and len(list(csv.DictReader(open(out / "leaderboard.csv")))) == 6
+
+
+def test_compare_an_existing_store(images, tmp_path, capsys):
+    out = tmp_path / "a"
+    assert _run(capsys, "compare", images, "--model", "test_resnet", "--heads", "ncm", "--out", out, *FAST)[0] == 0
+    rc, stdout, err = _run(capsys, "compare", out / "features.h5", "--heads", "ridge", "--out", tmp_path / "b", "--no-progress")
+    assert rc == 0, err
+    assert [r["head"] for r in csv.DictReader(open(tmp_path / "b" / "leaderboard.csv"))] == ["ridge"]
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--model", "resnet5O"], "unknown timm model 'resnet5O'"),
+    (["--model", "test_resnet", "--heads", "logreg,svm"], "unknown head svm"),
+    (["--model", "test_resnet=missing.pth"], "checkpoint 'missing.pth' does not exist"),
+    ([], "name at least one backbone"),
+])
+def test_bad_input_is_one_line(images, tmp_path, capsys, argv, fragment):
+    rc, _, err = _run(capsys, "compare", images, *argv, "--out", tmp_path / "c", *FAST)
+    assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "c").exists()
+
+
+def test_unlabelled_source_and_mixed_store_are_refused(images, tmp_path, capsys):
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in list((images / "train" / "class0").iterdir())[:3]:
+        (flat / p.name).write_bytes(p.read_bytes())
+    rc, _, err = _run(capsys, "compare", flat, "--model", "test_resnet", "--out", tmp_path / "c", *FAST)
+    assert rc == 2 and "has no labels" in err
+    store = tmp_path / "mixed.h5"
+    assert main(["extract", str(images), "--model", "test_resnet", "--out", str(store), *FAST]) == 0
+    other = make_image_folder(tmp_path / "other", per_class=3)
+    assert main(["extract", str(other), "--model", "test_resnet", "--key", "other", "--out", str(store), *FAST]) == 0
+    capsys.readouterr()
+    rc, _, err = _run(capsys, "compare", store, "--out", tmp_path / "d", "--no-progress")
+    assert rc == 2 and "another image list" in err
+
+
+def test_a_weights_file_that_does_not_fit_is_a_one_line_error(images, tmp_path, capsys):
+    import timm
+    import torch
+
+    torch.save(timm.create_model("test_vit", num_classes=0).state_dict(), tmp_path / "vit.pth")
+    rc, _, err = _run(capsys, "compare", images, "--model", f"test_resnet={tmp_path / 'vit.pth'}", "--out", tmp_path / "c", *FAST)
+    assert rc == 2 and "does not fit" in err and len(err.strip().splitlines()) == 1
+
+
+def test_python_api(images, tmp_path):
+    result = compare(str(images), CompareConfig(models=["test_resnet"], heads="ncm", img_size=32, workers=0, progress=False), tmp_path)
+    assert [r["head"] for r in result.leaderboard.rows] == ["ncm"] and result.done["extracted"] == 1
