@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 import timm
 import torch
-from PIL import Image
 
 from conftest import make_image_folder
-from featx import ExtractConfig, FeatureStore, extract, load_features
+from featx import ExtractConfig, FeatureStore, extract
 from featx.cli import main
 from featx.embedder import ImageEmbedder
 from featx.heads import HEADS
