@@ -106,7 +106,9 @@ HEADS: dict[str, HeadSpec] = {
         # on 10,000 CIFAR-10 Lite0 embeddings, wd 0.1 reached 0.7615, wd 10 0.7755 (logreg, C=0.001: 0.780)
         HeadSpec("torch-linear", _torch_linear, {"lr": (1e-3, 3e-3, 1e-2), "weight_decay": (0.0, 1e-2, 1e-1, 1.0, 3.0, 10.0, 30.0)},
                  True, False, "softmax regression in torch (AdamW, cosine schedule, early stopping)"),
-        HeadSpec("mlp", _mlp, {"weight_decay": (1e-4, 1e-3, 1e-2, 1e-1)}, True, False, "one-hidden-layer MLP in torch"),
+        # weight decay 1e-2..30 and dropout 0.1/0.5 all scored 0.730-0.736 on 2,000 CIFAR-10 Lite0 rows: the learning rate
+        # is the one knob worth sweeping, over few values
+        HeadSpec("mlp", _mlp, {"lr": (3e-4, 1e-3, 3e-3)}, True, False, "one-hidden-layer MLP in torch (at most 30 epochs)"),
     ]
 }
 
