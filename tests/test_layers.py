@@ -12,7 +12,7 @@ import timm
 import torch
 
 from conftest import make_image_folder
-from featx import ExtractConfig, FeatureStore, extract
+from featx import ExtractConfig, FeatureStore, extract, load_features
 from featx.cli import main
 from featx.embedder import ImageEmbedder
 from featx.heads import HEADS
@@ -108,6 +108,29 @@ def test_predict_rebuilds_the_taps(tmp_path_factory, tmp_path, capsys):
     assert rc == 0 and len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 6 and "accuracy" in out
     meta = json.loads((head / "head.json").read_text())
     assert meta["backbone"]["layers"] == "last,-1,-2" and meta["feature_dim"] == 96 + 96 + 192
+
+
+@pytest.mark.parametrize("head", ["knn", "logreg"])
+def test_tap_norm_gives_every_tap_unit_norm_and_survives_the_head_folder(head, tmp_path_factory, tmp_path, capsys):
+    from featx.head_folder import load_head
+    from featx.heads._taps import TapNormalizer
+
+    store = _tapped_store(tmp_path_factory)
+    out = tmp_path / head
+    assert main(["fit-head", str(store), "--head", head, "--tap-norm", "--out", str(out), "--no-progress"]) == 0
+    loaded = load_head(out)
+    step = loaded.pipeline.named_steps["taps"]
+    assert isinstance(step, TapNormalizer) and [tuple(b) for b in step.blocks] == [(0, 96), (96, 192), (192, 384)]
+    X = load_features(store).X
+    Z = step.transform(X)
+    norms = [np.linalg.norm(Z[:, a:b], axis=1) for a, b in step.blocks]
+    np.testing.assert_allclose(norms, 1 / np.sqrt(3), rtol=1e-5)
+    np.testing.assert_allclose(loaded.scores(X), loaded.scores(X))  # loads and scores
+    flat = tmp_path / "flat.h5"
+    extract(str(store.parent / "imgs"), ExtractConfig(model="test_resnet", **FAST), flat)
+    capsys.readouterr()
+    assert main(["fit-head", str(flat), "--head", head, "--tap-norm", "--out", str(tmp_path / "x")]) == 2
+    assert "needs features of several taps" in capsys.readouterr().err
 
 
 _TAPPED: dict = {}

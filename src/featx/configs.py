@@ -54,6 +54,7 @@ class FitHeadConfig:
     standardize: bool | None = None  # standardise features first (default: the head's choice)
     l2_normalize: bool | None = None  # L2-normalise features first (default: the head's choice)
     pca: int | None = None  # reduce features to this many dimensions first
+    tap_norm: bool = False  # multi-tap features (extract --layers): L2-normalise every tap separately first
     params: dict = field(default_factory=dict)  # head parameters, e.g. {'C': 0.1}; fixed values are not swept
     grid: dict = field(default_factory=dict)  # sweep values per parameter, e.g. {'C': (0.01, 0.1)}, replacing the head's grid for it
     class_weight: str | None = None  # 'balanced': weight classes inversely to their frequency

@@ -77,6 +77,8 @@ def add_fit_head(sub) -> None:
     add_option(l2, FitHeadConfig, "--l2-normalize", action="store_true", help="L2-normalise features first (default: the head's choice)")
     add_option(l2, FitHeadConfig, "--no-l2-normalize", dest="l2_normalize", action="store_false", help="do not L2-normalise features")
     add_option(p, FitHeadConfig, "--pca", type=positive_int, metavar="K", help="reduce features to K dimensions with PCA first")
+    add_option(p, FitHeadConfig, "--tap-norm", action="store_true",
+               help="features of several taps (extract --layers): L2-normalise every tap separately first")
     add_option(p, FitHeadConfig, "--class-weight", choices=["balanced"], help="weight classes inversely to their frequency")
     add_runtime_options(p, FitHeadConfig, names=("device", "progress"))
     add_option(p, FitHeadConfig, "--test-fraction", type=fraction, help="held-out share when there is no test split")

@@ -76,6 +76,7 @@ def plan_fit(store: FeatureStore, features, config: FitHeadConfig, out: Path | N
     request = {"head": config.head, "features": str(Path(features).resolve()), "model_key": key,
                "weights_sha256": attrs.get("weights_sha256"), "standardize": config.standardize,
                "l2_normalize": config.l2_normalize, "pca": config.pca, "params": jsonable(head_params(config)), "sweep": config.sweep,
+               **({"tap_norm": True} if config.tap_norm else {}),
                "train_split": train_split, "test_split": test_split, "seed": config.seed}
     if out is not None:
         check_head_folder(out, request, config.overwrite)

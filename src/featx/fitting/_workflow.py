@@ -6,6 +6,7 @@ in chunks (:mod:`featx.fitting._streamed`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -78,9 +79,11 @@ def format_params(p: dict) -> str:
 def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.PathLike) -> FitHeadResult:
     """Fit head ``config.head`` on the training split of ``features``, test it, save it to ``out``."""
     out = Path(out)
-    pipeline = _pipeline(config)
+    if config.head not in HEADS:
+        raise FeatxError(f"unknown head '{config.head}'; choose one of: {', '.join(HEADS)}")
     with FeatureStore(features) as store, showing_progress(config.progress):
         plan = plan_fit(store, features, config, out)
+        pipeline = _pipeline(config, plan.attrs)
         budget = memory_budget(config)
         t0 = time.perf_counter()
         if plan.train_bytes > budget:
@@ -97,11 +100,15 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
                          train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep)
 
 
-def _pipeline(config: FitHeadConfig):
-    if config.head not in HEADS:
-        raise FeatxError(f"unknown head '{config.head}'; choose one of: {', '.join(HEADS)}")
+def _pipeline(config: FitHeadConfig, attrs: dict):
+    blocks = None
+    if config.tap_norm:
+        taps = json.loads(attrs.get("taps") or "[]")
+        if len(taps) < 2:
+            raise FeatxError("--tap-norm needs features of several taps (featx extract --layers last,-1,...); these have one")
+        blocks = [(t["start"], t["stop"]) for t in taps]
     return make_head(config.head, standardize=config.standardize, l2_normalize=config.l2_normalize, pca=config.pca,
-                     params=head_params(config), random_state=config.seed, device=config.device)
+                     params=head_params(config), random_state=config.seed, device=config.device, tap_blocks=blocks)
 
 
 def _fit_in_memory(store: FeatureStore, plan: FitPlan, pipeline, config: FitHeadConfig):

@@ -118,11 +118,12 @@ def _unknown_head(name: str) -> FeatxError:
 
 
 def make_head(name: str, *, standardize: bool | None = None, l2_normalize: bool | None = None, pca: int | None = None,
-              params: dict | None = None, random_state: int = 0, device: str = "auto"):
-    """The head ``name`` as a Pipeline: [l2] -> [standardize] -> [pca] -> head.
+              params: dict | None = None, random_state: int = 0, device: str = "auto", tap_blocks: list | None = None):
+    """The head ``name`` as a Pipeline: [taps] -> [l2] -> [standardize] -> [pca] -> head.
 
     ``None`` for a preprocessing flag keeps the head's default; ``params`` set parameters of the
-    head step (e.g. ``{'C': 0.1}``, ``{'metric': 'euclidean'}``).
+    head step (e.g. ``{'C': 0.1}``, ``{'metric': 'euclidean'}``). ``tap_blocks`` ([(start, stop)] per tap of a
+    multi-tap embedding) adds per-tap L2 normalisation first.
     """
     from sklearn.decomposition import PCA
     from sklearn.pipeline import Pipeline
@@ -139,6 +140,10 @@ def make_head(name: str, *, standardize: bool | None = None, l2_normalize: bool 
             raise FeatxError(f"head '{name}' has no parameter {', '.join(bad)}; it has: {', '.join(sorted(valid))}")
         head.set_params(**params)
     steps = []
+    if tap_blocks:
+        from ._taps import TapNormalizer
+
+        steps.append(("taps", TapNormalizer(tuple(tuple(b) for b in tap_blocks))))
     if spec.l2_normalize if l2_normalize is None else l2_normalize:
         steps.append(("l2", Normalizer()))
     if spec.standardize if standardize is None else standardize:
