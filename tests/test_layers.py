@@ -42,6 +42,21 @@ def test_taps_equal_the_pooled_outputs_of_timms_own_api(image_folder, name):
     assert [r["tap"] for r in ranges] == ["last", "-1", "-3"] and ranges[-1]["stop"] == got.shape[1]
 
 
+def test_block_taps_are_the_pooled_outputs_of_blocks(image_folder):
+    from featx.sources import resolve_source
+
+    src = resolve_source(image_folder)
+    embedder = ImageEmbedder("test_efficientnet", img_size=64, layers="last,b-1,b-2", device="cpu", workers=0, preprocess="host").fit()
+    x = torch.stack([embedder.transform_(src.load(i)) for i in range(len(src))])
+    model = embedder.model_.eval()
+    with torch.inference_mode():
+        final, blocks = model.forward_intermediates(x, indices=[-2, -1], extra_blocks=True)
+        want = torch.cat([model.forward_head(final, pre_logits=True), blocks[1].mean((2, 3)), blocks[0].mean((2, 3))], 1)
+    np.testing.assert_allclose(embedder.transform(src), want.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(Exception, match="b-1 .. b-6"):
+        ImageEmbedder("test_efficientnet", layers="last,b-9", device="cpu").fit()
+
+
 def test_flip_averages_the_input_and_its_mirror(image_folder):
     from featx.sources import resolve_source
 
@@ -73,7 +88,7 @@ def test_store_records_taps_and_the_cache_key_includes_them(image_folder, tmp_pa
 
 def test_a_stage_the_model_does_not_have_is_a_one_line_error(image_folder, tmp_path, capsys):
     for layers, fragment in (("last,-9", "has 5 stages; use -1 .. -5"), ("last,first", "unknown --layers entry 'first'"),
-                             ("-1,-1", "names '-1' twice")):
+                             ("-1,-1", "names '-1' twice"), ("last,b-1", "has no block taps")):
         rc = main(["extract", str(image_folder), "--model", "test_resnet", "--layers", layers, "--out", str(tmp_path / "f.h5"),  # '-1,-1' too
                    "--workers", "0", "--no-progress"])
         err = capsys.readouterr().err

@@ -35,7 +35,8 @@ def add_extract(sub) -> None:
     add_option(p, ExtractConfig, "--preprocess", choices=["auto", "device", "host"],
                help="device: batched resize/crop/normalise on the device; host: timm's PIL transform in workers; auto: device when possible")
     add_option(p, ExtractConfig, "--layers", metavar="LIST",
-               help="pooled outputs to concatenate, in order: last (pre-logits) and stages counted from the end, e.g. last,-1,-2,-3,-4")
+               help="pooled outputs to concatenate, in order: last (pre-logits), stages counted from the end (-1, -2, ...: timm's "
+                    "feature_info) or blocks (b-1, b-2, ...: EfficientNet/MobileNet blocks), e.g. last,b-1,b-2,b-3,b-4")
     add_option(p, ExtractConfig, "--tta", choices=["flip"], help="average each embedding over the image and its horizontal mirror")
     add_option(p, ExtractConfig, "--key", help="group name in the store (default: the model name); use it to keep several variants")
     add_option(p, ExtractConfig, "--overwrite", action="store_true", help="replace an existing group made with other settings")
