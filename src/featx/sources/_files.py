@@ -1,0 +1,149 @@
+"""Image files on disk: folder layouts and CSV manifests; the named datasets held in memory."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import FeatxError
+from ..splits import SPLIT_FOLDER_NAMES
+from ._source import IMG_EXTENSIONS, UNLABELED, ImageSource
+
+__all__ = ["folder_source", "manifest_source", "natural_key", "digits_source", "fashion_mnist_source", "FASHION_MNIST_DIR"]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = [
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+]
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMG_EXTENSIONS
+
+
+def _subdirs(p: Path) -> list[Path]:
+    return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def folder_source(root: Path) -> ImageSource:
+    top = _subdirs(root)
+    split_first = bool(top) and all(d.name.lower() in SPLIT_FOLDER_NAMES for d in top)
+    entries: list[tuple[str, str, str]] = []  # (relative path, class, split)
+    if split_first:
+        for split_dir in top:
+            for cls_dir in _subdirs(split_dir):
+                entries += [(str(f.relative_to(root)), cls_dir.name, split_dir.name) for f in _walk(cls_dir)]
+    else:
+        for cls_dir in top:
+            entries += [(str(f.relative_to(root)), cls_dir.name, "train") for f in _walk(cls_dir)]
+    if not entries:
+        layout = "<split>/<class>/<image>" if split_first else "<class>/<image>"
+        raise FeatxError(f"no images found in '{root}' (expected {layout} with extensions {', '.join(IMG_EXTENSIONS)})")
+    class_names = sorted({c for _, c, _ in entries})
+    index = {c: k for k, c in enumerate(class_names)}
+    return ImageSource(
+        name=str(root),
+        ids=[e[0] for e in entries],
+        labels=np.array([index[e[1]] for e in entries], dtype=np.int64),
+        splits=[e[2] for e in entries],
+        class_names=class_names,
+        root=root,
+    )
+
+
+def _walk(d: Path) -> list[Path]:
+    """Image files under ``d`` (recursively), sorted for a deterministic order."""
+    return sorted((p for p in d.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
+
+
+def manifest_source(csv_path: Path) -> ImageSource:
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as f:
+            reader = csv.DictReader(f)
+            fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
+            rows = list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise FeatxError(f"cannot read CSV manifest '{csv_path}': {e}") from None
+    missing = [c for c in ("path", "label") if c not in fields]
+    if missing:
+        raise FeatxError(f"CSV manifest '{csv_path}' lacks column(s) {', '.join(missing)}; it needs a header 'path,label[,split]' (found: {', '.join(fields) or 'no header'})")
+    # values beyond the header come back under the key None (as a list): ignore them
+    rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in rows]
+    rows = [r for r in rows if r.get("path")]
+    if not rows:
+        raise FeatxError(f"CSV manifest '{csv_path}' lists no images")
+    names = sorted({r["label"] for r in rows if r["label"]}, key=natural_key)
+    index = {c: k for k, c in enumerate(names)}
+    return ImageSource(
+        name=str(csv_path),
+        ids=[r["path"] for r in rows],
+        labels=np.array([index[r["label"]] if r["label"] else UNLABELED for r in rows], dtype=np.int64),
+        splits=[r.get("split") or "train" for r in rows],
+        class_names=names,
+        root=csv_path.parent,
+    )
+
+
+def natural_key(s: str):
+    return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+
+def digits_source() -> ImageSource:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    images = np.clip(np.rint(d.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    n = len(images)
+    return ImageSource(
+        name="digits",
+        ids=[f"digits/{i}" for i in range(n)],
+        labels=d.target.astype(np.int64),
+        splits=["train"] * n,
+        class_names=[str(c) for c in d.target_names],
+        arrays=images,
+    )
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise FeatxError(f"'{path}' is not an unsigned-byte idx file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def fashion_mnist_source(directory: str) -> ImageSource:
+    root = Path(directory)
+
+    def find(stem: str) -> Path:
+        for name in (stem + ".gz", stem):
+            if (root / name).exists():
+                return root / name
+        raise FeatxError(
+            f"Fashion-MNIST file '{stem}[.gz]' not found in '{root}'; "
+            "install it with 'apt-get install dataset-fashion-mnist' or pass fashion-mnist:DIR"
+        )
+
+    images, labels, ids, splits = [], [], [], []
+    for split, prefix in (("train", "train"), ("test", "t10k")):
+        x = _read_idx(find(f"{prefix}-images-idx3-ubyte"))
+        y = _read_idx(find(f"{prefix}-labels-idx1-ubyte"))
+        images.append(x)
+        labels.append(y.astype(np.int64))
+        ids += [f"fashion-mnist/{split}/{i}" for i in range(len(x))]
+        splits += [split] * len(x)
+    return ImageSource(
+        name="fashion-mnist",
+        ids=ids,
+        labels=np.concatenate(labels),
+        splits=splits,
+        class_names=list(FASHION_MNIST_CLASSES),
+        arrays=np.concatenate(images),
+    )
