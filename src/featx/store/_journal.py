@@ -23,13 +23,15 @@ __all__ = ["JournalWriter", "journal_path"]
 _STR = h5py.string_dtype("utf-8")
 _logger = logging.getLogger(__name__)
 # Row datasets of a group, then those of its 'skipped' subgroup: what the progress digest covers.
-_ROW_COLUMNS = ("features", "labels", "ids", "split", "index")
-_SKIP_COLUMNS = ("index", "ids", "reasons")
+_ROW_COLUMNS = ("features", "labels", "ids", "split", "index", "digest", "stamp")
+_SKIP_COLUMNS = ("index", "ids", "reasons", "stamp")
+DIGEST_DTYPE = np.dtype("S32")  # hex BLAKE2b-128 of the bytes each image was decoded from
 
 
-def journal_path(out: str | os.PathLike, key: str) -> Path:
+def journal_path(out: str | os.PathLike, key: str, part: str = "") -> Path:
+    """``FEATURES.h5.<key>.partial``, or ``FEATURES.h5.<key>.<part>.partial`` for one rank's share."""
     out = Path(out)
-    return out.with_name(f"{out.name}.{safe_name(key)}.partial")
+    return out.with_name(f"{out.name}.{safe_name(key)}{'.' + part if part else ''}.partial")
 
 
 class JournalWriter:
@@ -43,10 +45,10 @@ class JournalWriter:
     """
 
     def __init__(self, out: str | os.PathLike, key: str, store_key: StoreKey, meta: dict, *, dim: int, n_images: int,
-                 batch_size: int, split_names: list[str]):
+                 batch_size: int, split_names: list[str], part: str = ""):
         self.out = Path(out)
         self.key = key
-        self.path = journal_path(out, key)
+        self.path = journal_path(out, key, part)
         self.store_key = store_key
         self.split_names = split_names
         self.resumed = False
@@ -121,10 +123,13 @@ class JournalWriter:
         g.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=row_chunk)
         g.create_dataset("split", shape=(0,), maxshape=(None,), dtype=np.int8, chunks=row_chunk)
         g.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=row_chunk)
+        g.create_dataset("digest", shape=(0,), maxshape=(None,), dtype=DIGEST_DTYPE, chunks=row_chunk)
+        g.create_dataset("stamp", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(row_chunk[0], 2))
         s = g.create_group("skipped")
         s.create_dataset("ids", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
         s.create_dataset("index", shape=(0,), maxshape=(None,), dtype=np.int64, chunks=(1024,))
         s.create_dataset("reasons", shape=(0,), maxshape=(None,), dtype=_STR, chunks=(1024,))
+        s.create_dataset("stamp", shape=(0, 2), maxshape=(None, 2), dtype=np.int64, chunks=(1024, 2))
         for k, v in {**asdict(self.store_key), **meta}.items():
             g.attrs[k] = v
         g.attrs["split_names"] = json.dumps(self.split_names)
@@ -148,20 +153,29 @@ class JournalWriter:
         return read_skipped(self.g)
 
     def write_batch(self, next_image: int, features: np.ndarray, index: np.ndarray, ids: list[str], labels: np.ndarray,
-                    split_codes: np.ndarray, skipped: list[tuple[int, str, str]]) -> None:
-        """Append one batch's rows and skipped images, then record progress up to ``next_image``."""
+                    split_codes: np.ndarray, skipped: list[tuple[int, str, str]], *, digests: list[str] | None = None,
+                    stamps: np.ndarray | None = None, skipped_stamps: np.ndarray | None = None) -> None:
+        """Append one batch's rows and skipped images (index, id, reason), then record progress up to ``next_image``.
+
+        ``digests`` (hex content digests) and ``stamps`` ([n, 2] file size and mtime) of the rows and
+        of the skipped images are stored when given (empty digests and zero stamps otherwise).
+        """
         g = self.g
         rows, n = int(g.attrs["n_rows"]), len(features)
         skips = int(g.attrs["n_skipped"])
         if n:
-            for name, values in zip(_ROW_COLUMNS, (features, labels, ids, split_codes, index)):
+            digests = np.asarray(digests if digests is not None else [""] * n, dtype=DIGEST_DTYPE)
+            stamps = np.zeros((n, 2), np.int64) if stamps is None else stamps
+            for name, values in zip(_ROW_COLUMNS, (features, labels, ids, split_codes, index, digests, stamps)):
                 g[name].resize(rows + n, axis=0)
                 g[name][rows:] = values
         if skipped:
             s = g["skipped"]
-            for name, col in zip(_SKIP_COLUMNS, (0, 1, 2)):
+            skipped_stamps = np.zeros((len(skipped), 2), np.int64) if skipped_stamps is None else skipped_stamps
+            columns = ([row[0] for row in skipped], [row[1] for row in skipped], [row[2] for row in skipped], skipped_stamps)
+            for name, values in zip(_SKIP_COLUMNS, columns):
                 s[name].resize(skips + len(skipped), axis=0)
-                s[name][skips:] = [row[col] for row in skipped]
+                s[name][skips:] = values
         self.f.flush()  # rows reach the file before the progress that vouches for them
         if n:
             for name in _ROW_COLUMNS:
@@ -174,11 +188,15 @@ class JournalWriter:
                         "progress_sha256": _progress_digest(self._hashers, rows, skips, next_image)})
         self.f.flush()
 
-    def commit(self, extra_attrs: dict, *, overwrite: bool = False) -> None:
-        """Mark the group complete and move it into the store atomically."""
+    def finish(self, extra_attrs: dict) -> None:
+        """Record ``extra_attrs``, mark the journal complete and close it (every image has a row or a skip)."""
         self.g.attrs.update({**extra_attrs, "complete": True})
         self.f.flush()
         self.f.close()
+
+    def commit(self, extra_attrs: dict, *, overwrite: bool = False) -> None:
+        """Finish the journal and make it the store's group ``key`` atomically."""
+        self.finish(extra_attrs)
         commit_group(self.path, self.out, self.key, overwrite=overwrite)
 
     def close(self) -> None:
