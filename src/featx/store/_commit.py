@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 
 from ..errors import FeatxError
-from ._layout import Link, StoreCommit
+from ._layout import Link, StoreCommit, fsync_file
 from ._reader import attr_value
 
 __all__ = ["commit_group", "commit_parts", "check_store_path", "group_attrs", "ImageList"]
@@ -64,13 +64,16 @@ def commit_parts(out: Path, key: str, journals: list[Path], *, attrs: dict | Non
                  extend: bool = False, image_list: ImageList | None = None) -> None:
     """Make group ``key`` of ``out`` hold the rows of the finished ``journals``, in order (after its present rows with ``extend``).
 
-    One journal and nothing to extend: the journal file becomes the group as it is. Otherwise a
+    One journal and nothing to extend: the journal file becomes the group as it is (in a new store:
+    the store itself, a single file). Otherwise a
     small head file joins the parts: ``features`` as a virtual dataset over the parts' rows (no
     copy), the other row columns written out, with each row's label, split code and position taken
     from ``image_list`` by its id when given, and ``attrs`` over the last journal's attributes.
     The journals are moved into the store; nothing already in it is rewritten.
     """
     out = Path(out)
+    if not out.exists() and len(journals) == 1 and not (attrs or extend or image_list is not None) and _first_group(journals[0], out):
+        return
     with StoreCommit(out) as commit:
         if key in commit.links and not (overwrite or extend):
             raise FeatxError(f"'{out}' already holds a group '{key}'; pass --overwrite to replace it or --key to add another")
@@ -78,7 +81,10 @@ def commit_parts(out: Path, key: str, journals: list[Path], *, attrs: dict | Non
         new = []
         for journal in journals:
             with h5py.File(journal, "r") as f:
-                rows = int(f[key]["features"].shape[0])
+                rows, skips = int(f[key]["features"].shape[0]), int(f[key]["skipped"]["ids"].shape[0])
+            if rows + skips == 0 and len(journals) > 1:  # a rank whose share was empty
+                journal.unlink()
+                continue
             new.append((commit.add_file(journal, key), "/" + key, rows))
         parts = old + new
         if len(parts) == 1 and not attrs and image_list is None:
@@ -86,6 +92,20 @@ def commit_parts(out: Path, key: str, journals: list[Path], *, attrs: dict | Non
         else:
             link = _write_head(commit, key, parts, attrs or {}, image_list)
         commit.publish(key, link)
+
+
+def _first_group(journal: Path, out: Path) -> bool:
+    """Make ``journal`` the new store ``out`` (a single file, as in featx 0.1), unless another commit created it first."""
+    fsync_file(journal)
+    try:
+        os.link(journal, out)  # fails if ``out`` appeared meanwhile, where a rename would replace it
+    except FileExistsError:
+        return False
+    except OSError:  # no hard links here
+        os.replace(journal, out)
+        return True
+    journal.unlink()
+    return True
 
 
 def _read_parts(folder: Path, parts: list[tuple[str, str, int]]):

@@ -16,6 +16,7 @@ import numpy as np
 from ..errors import FeatxError
 from ..files import safe_name
 from ._commit import commit_group
+from ._layout import already_committed
 from ._reader import StoreKey, read_skipped
 
 __all__ = ["JournalWriter", "journal_path"]
@@ -53,6 +54,8 @@ class JournalWriter:
         self.split_names = split_names
         self.resumed = False
         self._hashers: dict[str, "hashlib._Hash"] = {}
+        if self.path.exists() and already_committed(self.path, self.out):
+            self.path.unlink()  # committed already; only its old name was left behind
         if self.path.exists():
             self.resumed = self._open_existing(n_images)
         if not self.resumed:

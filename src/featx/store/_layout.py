@@ -36,7 +36,7 @@ try:
 except ImportError:  # Windows: commits are not locked against each other
     fcntl = None
 
-__all__ = ["Link", "StoreCommit", "data_dir", "read_links", "fsync_file"]
+__all__ = ["Link", "StoreCommit", "data_dir", "read_links", "fsync_file", "already_committed"]
 
 _logger = logging.getLogger(__name__)
 LAYOUT = "index-1"
@@ -66,6 +66,19 @@ def read_links(out: Path) -> tuple[dict[str, Link], dict]:
             elif isinstance(link, h5py.HardLink) and isinstance(f.get(key), h5py.Group):
                 links[key] = Link("", "/" + key)
         return links, dict(f.attrs)
+
+
+def already_committed(path: Path, out: Path) -> bool:
+    """Whether the journal ``path`` is the same file as one in the store's folder (a kill struck right after its commit)."""
+    out = Path(out)
+    folder = data_dir(out)
+    try:
+        st = os.stat(path)
+        if out.exists() and os.path.samestat(st, os.stat(out)):
+            return True
+        return folder.is_dir() and any(os.path.samestat(st, os.stat(p)) for p in folder.glob("*.h5"))
+    except OSError:
+        return False
 
 
 def fsync_file(path: Path) -> None:
