@@ -41,12 +41,14 @@ class FitHeadResult:
     test_split: str | None  # test split name; None: a hold-out of the training split
     test_description: str  # which rows were tested, in words
     sweep: dict | None = None
+    n_train_test_duplicates: int | None = None  # test rows whose image (same bytes) is also a training row; None: not recorded
 
     def to_dict(self) -> dict:
         return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
                 "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
                 "test_split": self.test_split, "test_split_description": self.test_description,
-                "sweep_best": self.sweep["best"] if self.sweep else None, "out": str(self.out)}
+                "sweep_best": self.sweep["best"] if self.sweep else None, "n_train_test_duplicates": self.n_train_test_duplicates,
+                "out": str(self.out)}
 
     def summary(self) -> str:
         lines = [f"Head '{self.head}' on '{self.model}' features: trained on {self.n_train} rows of '{self.train_split}' "
@@ -86,6 +88,11 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
     out = Path(out)
     pipeline = _pipeline(config)
     data = _fit_data(features, config, out)
+    duplicates = data.train.count_shared_images(data.test)
+    if duplicates:
+        _logger.warning("%d of the %d test rows show an image that is also in the training rows (same file content); "
+                        "their predictions are not a test (a kNN head scores them perfectly): remove the duplicates from one split",
+                        duplicates, len(data.test))
     t0 = time.perf_counter()
     pipeline, sweep_result = _fit(pipeline, config, data.train)
     fit_seconds = time.perf_counter() - t0
@@ -100,7 +107,8 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
     save_head(out, pipeline, meta, overwrite=True)
     return FitHeadResult(out=out, head=config.head, model=data.key, metrics=metrics, n_train=len(data.train), n_test=len(data.test),
                          fit_seconds=fit_seconds, predict_seconds=predict_seconds, train_split=data.train_split,
-                         test_split=data.test_split, test_description=data.test_description, sweep=sweep)
+                         test_split=data.test_split, test_description=data.test_description, sweep=sweep,
+                         n_train_test_duplicates=duplicates)
 
 
 def _head_params(config: FitHeadConfig) -> dict:

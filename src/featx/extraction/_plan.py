@@ -15,7 +15,7 @@ from ..errors import FeatxError
 from ..files import safe_name
 from ..provenance import provenance
 from ..sources import ImageSource
-from ..store import FeatureStore, StoreKey, group_attrs
+from ..store import FeatureStore, StoreKey, forget_committed_journals, group_attrs
 
 __all__ = ["Job", "plan_job", "group_meta"]
 
@@ -37,15 +37,21 @@ class Job:
     added_to: int = 0  # images the group holds already (when extending)
 
 
-def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, world: int) -> Job:
-    """Build ``config``'s backbone and compare what it would write with what ``out`` holds under its key."""
+def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, world: int, *, speak: bool = True) -> Job:
+    """Build ``config``'s backbone and compare what it would write with what ``out`` holds under its key.
+
+    ``speak``: log what was found (rank 0 of a torchrun job speaks for all).
+    """
+    log = _logger.info if speak else _logger.debug
+    warn = _logger.warning if speak else _logger.debug
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
                              preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile).fit()
     key = config.key or config.model
     store_key = StoreKey(**embedder.identity(), dtype=config.dtype, image_list_sha256=src.fingerprint(),
                          image_stamps_sha256=src.stamps_fingerprint())
-    _warn_about_other_journals(out, key, world)
+    if speak:
+        _warn_about_other_journals(out, key, world)
     existing = group_attrs(out, key)
     job = Job(config, key, embedder, store_key, np.arange(len(src)), existing)
     if existing is None:
@@ -53,8 +59,9 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
     diff = store_key.differences(existing)
     if not diff:
         if "image_stamps_sha256" not in existing:
-            _logger.warning("'%s' in '%s' was written without file sizes and times (featx 0.1), so a replaced image cannot be "
+            warn("'%s' in '%s' was written without file sizes and times (featx 0.1), so a replaced image cannot be "
                             "noticed; pass --overwrite to re-extract it if images changed", key, out)
+        forget_committed_journals(out, key)
         job.todo = None
         return job
     if config.overwrite:
@@ -64,7 +71,7 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
         new, detail = _grown_by(out, key, src)
         if new is not None:
             job.todo, job.extend, job.added_to = new, True, len(src) - len(new)
-            _logger.info("'%s' in '%s' holds %d of these %d images; embedding the %d new ones", key, out, job.added_to, len(src), len(new))
+            log("'%s' in '%s' holds %d of these %d images; embedding the %d new ones", key, out, job.added_to, len(src), len(new))
             return job
     raise FeatxError(f"'{out}' already holds '{key}' made with different {', '.join(diff)}{detail}; "
                      "pass --key NAME to store these features beside it, or --overwrite to replace it")

@@ -55,7 +55,7 @@ def extract_many(source: str | ImageSource, configs: list[ExtractConfig], out: s
         if len(src) == 0:
             raise FeatxError(f"source '{src.name}' has no images")
         device = rank_device(configs[0].device, ranks)
-        jobs = [plan_job(c, src, out, device, ranks.world if ranks else 1) for c in configs]
+        jobs = [plan_job(c, src, out, device, ranks.world if ranks else 1, speak=ranks is None or ranks.is_main) for c in configs]
         _agree(jobs, ranks)
         processed, resumed = _embed_jobs(jobs, src, out, ranks, t_start)
         totals = gather(processed, ranks)  # also waits until every rank's journals are finished

@@ -19,7 +19,7 @@ from ._commit import commit_group
 from ._layout import already_committed
 from ._reader import StoreKey, read_skipped
 
-__all__ = ["JournalWriter", "journal_path"]
+__all__ = ["JournalWriter", "journal_path", "forget_committed_journals"]
 
 _STR = h5py.string_dtype("utf-8")
 _logger = logging.getLogger(__name__)
@@ -33,6 +33,14 @@ def journal_path(out: str | os.PathLike, key: str, part: str = "") -> Path:
     """``FEATURES.h5.<key>.partial``, or ``FEATURES.h5.<key>.<part>.partial`` for one rank's share."""
     out = Path(out)
     return out.with_name(f"{out.name}.{safe_name(key)}{'.' + part if part else ''}.partial")
+
+
+def forget_committed_journals(out: str | os.PathLike, key: str) -> None:
+    """Remove journals of ``key`` that are already in the store (a kill struck between a commit and its clean-up)."""
+    out = Path(out)
+    for path in out.parent.glob(f"{out.name}.{safe_name(key)}*.partial"):
+        if already_committed(path, out):
+            path.unlink(missing_ok=True)
 
 
 class JournalWriter:

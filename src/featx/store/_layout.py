@@ -69,16 +69,32 @@ def read_links(out: Path) -> tuple[dict[str, Link], dict]:
 
 
 def already_committed(path: Path, out: Path) -> bool:
-    """Whether the journal ``path`` is the same file as one in the store's folder (a kill struck right after its commit)."""
+    """Whether the journal ``path`` is the same file as the store or one of its group files (a kill struck right after its commit)."""
     out = Path(out)
-    folder = data_dir(out)
     try:
         st = os.stat(path)
         if out.exists() and os.path.samestat(st, os.stat(out)):
             return True
-        return folder.is_dir() and any(os.path.samestat(st, os.stat(p)) for p in folder.glob("*.h5"))
+        folder = data_dir(out)
+        if not folder.is_dir() or not any(os.path.samestat(st, os.stat(p)) for p in folder.glob("*.h5")):
+            return False
+        return any(os.path.samestat(st, os.stat(folder / name)) for name in referenced_files(out))
     except OSError:
         return False
+
+
+def referenced_files(out: Path) -> set[str]:
+    """Names of the files in the store's folder that its groups are made of."""
+    links, _ = read_links(out)
+    folder, names = data_dir(out), set()
+    for link in links.values():
+        if link.file:
+            names.add(link.file)
+            with h5py.File(folder / link.file, "r") as f:
+                parts = f[link.path].attrs.get("parts")
+            if parts is not None:
+                names.update(p[0] for p in json.loads(parts))
+    return names
 
 
 def fsync_file(path: Path) -> None:
@@ -195,18 +211,19 @@ class StoreCommit:
             if tmp.exists():
                 tmp.unlink()
         _fsync_dir(self.out.parent)
+        self._drop_journals()
+        self._remove_unreferenced()
+
+    def _drop_journals(self) -> None:
+        """Remove the journals' old names (their files are in the folder now, under the new index)."""
         for path in self._linked:
             path.unlink(missing_ok=True)
         self._linked, self._added = [], []
-        self._remove_unreferenced()
 
     def _remove_unreferenced(self) -> None:
         """Delete group files no group refers to any more (replaced groups, leftovers of killed commits)."""
-        keep = set()
         try:
-            for key, link in self.links.items():
-                keep.add(link.file)
-                keep.update(p[0] for p in self.parts(key))
+            keep = referenced_files(self.out)
         except (OSError, KeyError, ValueError) as e:  # leave everything in place rather than guess
             _logger.warning("could not list the files of '%s' (%s); not removing unused ones", self.out, e)
             return
