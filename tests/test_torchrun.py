@@ -66,12 +66,12 @@ def test_two_processes_give_the_one_process_store_and_a_rerun_is_a_cache_hit(tmp
     out = tmp_path / "f.h5"
     rc, stdout, err = _finish(_torchrun([imgs, "--model", "test_resnet", "--out", out, *ARGS], tmp_path))
     assert rc == 0, err
-    assert "Rank 1 of 2: embedded 14 images" in stdout and "Extracted 28 images" in stdout, stdout
+    assert "Rank 1 of 2: embedded 14 images" in err and "Extracted 28 images" in stdout and "Rank" not in stdout, stdout + err
     _assert_same_store(out, ref, "test_resnet")
     assert not list(tmp_path.glob("*.partial"))  # the ranks' journals went into the store
     files = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.h5")}
     rc, stdout, err = _finish(_torchrun([imgs, "--model", "test_resnet", "--out", out, *ARGS], tmp_path))
-    assert rc == 0 and stdout.count("Cache hit") == 2, stdout + err
+    assert rc == 0 and stdout.count("Cache hit") == 1 and "Cache hit" in err, stdout + err  # rank 1 reports on stderr
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*.h5")} == files
 
 
@@ -125,7 +125,7 @@ def test_kill_one_rank_then_rerun_resumes_every_rank_from_its_journal(tmp_path, 
     assert 8 <= done[1] < 60 and done[0] > 0, done
     rc, stdout, err = _finish(_torchrun(args, tmp_path))
     assert rc == 0, err
-    assert stdout.count("(resumed at image") == 2, stdout  # each rank continued its own journal
+    assert "(resumed at image" in stdout and "Rank 1 of 2" in err and "(resumed at image" in err.split("Rank 1 of 2")[1], stdout + err
     assert not any(j.exists() for j in journals)
     a, b = load_features(out), load_features(ref)
     assert a.ids.tolist() == b.ids.tolist() and np.array_equal(a.y, b.y) and np.abs(a.X - b.X).max() < 1e-3

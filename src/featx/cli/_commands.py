@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from ..configs import DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, head_param,
@@ -58,6 +59,10 @@ def cmd_extract(args) -> int:
 
     configs = extract_configs(config_from(ExtractConfig, args, model=args.model[0], weights=None), args.model, args.weights)
     results = extract_many(args.source, configs, args.out)
+    if results[0].rank > 0:  # under torchrun stdout is rank 0's alone; the other ranks report on stderr
+        for result in results:
+            logging.getLogger("featx").info(result.summary())
+        return 0
     for result in results:
         print(result.summary())
     if args.json:
