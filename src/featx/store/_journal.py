@@ -50,7 +50,8 @@ class JournalWriter:
     row and skip counts, and a sha256 digest of every row column up to those counts) written and
     flushed. On resume the rows up to the recorded counts are read back and must reproduce the
     digest: a journal that a kill left unreadable or inconsistent is discarded and the run starts
-    over, so a kill at any point loses work but never yields wrong rows.
+    over, so a kill at any point loses work but never yields wrong rows. The verified rows are
+    copied into a fresh file that replaces the journal, which is never written in place after a kill.
     """
 
     def __init__(self, out: str | os.PathLike, key: str, store_key: StoreKey, meta: dict, *, dim: int, n_images: int,
@@ -74,7 +75,7 @@ class JournalWriter:
         deadline = time.monotonic() + lock_wait_s
         while True:
             try:
-                f = h5py.File(self.path, "a")
+                f = h5py.File(self.path, "r")
                 break
             except OSError as e:
                 # not a substring test on "lock": "sblock" appears in HDF5's corruption errors
@@ -107,13 +108,32 @@ class JournalWriter:
         if not ok:
             f.close()
             return self._discard("its rows do not match its recorded progress (killed while writing)")
-        for name in _ROW_COLUMNS:
-            g[name].resize(rows, axis=0)
-        for name in _SKIP_COLUMNS:
-            g["skipped"][name].resize(skips, axis=0)
-        f.flush()
-        self.f, self.g, self._hashers = f, g, hashers
+        try:
+            self._rebuild(f, g, rows, skips)
+        except Exception as e:  # rows that verified but cannot be copied: start over rather than trust them
+            f.close()
+            self.path.with_name(self.path.name + ".rebuild").unlink(missing_ok=True)
+            return self._discard(f"its rows cannot be copied ({str(e).splitlines()[0][:120]})")
+        self._hashers = hashers
         return True
+
+    def _rebuild(self, f: h5py.File, g: h5py.Group, rows: int, skips: int) -> None:
+        """Copy the verified rows into a fresh file that replaces the journal, and open that for writing.
+
+        A write killed mid-flush can leave HDF5 structures (the string heap, a chunk index) that read
+        back fine but fail on the next write, so a journal is never written in place after a kill.
+        """
+        tmp = self.path.with_name(self.path.name + ".rebuild")
+        with h5py.File(tmp, "w") as out:
+            new = out.create_group(self.key)
+            _copy_columns(g, new, _ROW_COLUMNS, rows)
+            _copy_columns(g["skipped"], new.create_group("skipped"), _SKIP_COLUMNS, skips)
+            for k, v in g.attrs.items():
+                new.attrs[k] = v
+        f.close()
+        os.replace(tmp, self.path)
+        self.f = h5py.File(self.path, "a")
+        self.g = self.f[self.key]
 
     def _discard(self, why: str) -> bool:
         _logger.warning("discarding the interrupted extraction in '%s' (%s); starting over", self.path, why)
@@ -215,6 +235,15 @@ class JournalWriter:
             self.f.close()
         except Exception:
             pass
+
+
+def _copy_columns(src: h5py.Group, dst: h5py.Group, names: tuple[str, ...], n: int, block: int = 65536) -> None:
+    """The first ``n`` rows of each column ``names`` of ``src`` into new, equally laid out datasets of ``dst``."""
+    for name in names:
+        ds = src[name]
+        out = dst.create_dataset(name, shape=(n,) + ds.shape[1:], maxshape=(None,) + ds.shape[1:], dtype=ds.dtype, chunks=ds.chunks)
+        for a in range(0, n, block):
+            out[a: min(n, a + block)] = ds[a: min(n, a + block)]
 
 
 def _column_hashers(g: h5py.Group, rows: int, skips: int) -> dict:
