@@ -71,26 +71,39 @@ def _extract(source: Path, out: Path, models: list[str], weights: list[str], bat
     return argv
 
 
-def torchrun_rows(source: Path, work: Path, batch: int, cores: int) -> list[tuple]:
-    rows = []
+def torchrun_rows(source: Path, work: Path, batch: int, cores: int, repeats: int) -> list[tuple]:
+    """Best of ``repeats`` runs (alternating 1 and 2 processes) of each: (processes, threads, images, extract s, images/s, wall s)."""
+    best: dict[int, tuple] = {}
     _cli([sys.executable, *_extract(source, work / "warm.h5", [MODEL], [lite0_weights()], batch)], cores)  # warm-up
-    for nproc in (1, 2):
-        out = work / f"torchrun{nproc}.h5"
-        argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
-                *_extract(source, out, [MODEL], [lite0_weights()], batch)]
-        wall, (result,) = _cli(argv, max(1, cores // nproc))
-        rows.append((nproc, max(1, cores // nproc), result["n_processed"], result["seconds"], result["images_per_s"], wall))
-    return rows
+    gpus = torch.cuda.device_count()
+    nprocs = (1, gpus) if gpus > 1 else (1,) if gpus == 1 else (1, 2)
+    for r in range(repeats):
+        for nproc in nprocs:
+            out = work / f"torchrun{nproc}-{r}.h5"
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+                    *_extract(source, out, [MODEL], [lite0_weights()], batch)]
+            wall, (result,) = _cli(argv, max(1, cores // nproc))
+            row = (nproc, max(1, cores // nproc), result["n_processed"], result["seconds"], result["images_per_s"], wall)
+            if nproc not in best or row[5] < best[nproc][5]:
+                best[nproc] = row
+    return [best[k] for k in nprocs]
 
 
-def backbone_rows(source: Path, work: Path, batch: int, cores: int) -> dict:
-    sep = work / "separate.h5"
-    wall_a, (ra,) = _cli([sys.executable, *_extract(source, sep, [MODEL], [lite0_weights()], batch)], cores)
-    wall_b, (rb,) = _cli([sys.executable, *_extract(source, sep, [SECOND], [], batch)], cores)
-    wall_ab, results = _cli([sys.executable, *_extract(source, work / "together.h5", [MODEL, SECOND], [f"{MODEL}={lite0_weights()}"],
-                                                        batch)], cores)
-    return {"n": ra["n_processed"], "a": wall_a, "b": wall_b, "ab": wall_ab, "a_s": ra["seconds"], "b_s": rb["seconds"],
-            "ab_s": results[0]["seconds"]}
+def backbone_rows(source: Path, work: Path, batch: int, cores: int, repeats: int) -> dict:
+    """Best of ``repeats`` (alternating): two separate runs into one store, and one run with both models."""
+    best: dict = {}
+    for r in range(repeats):
+        sep = work / f"separate-{r}.h5"
+        wall_a, (ra,) = _cli([sys.executable, *_extract(source, sep, [MODEL], [lite0_weights()], batch)], cores)
+        wall_b, (rb,) = _cli([sys.executable, *_extract(source, sep, [SECOND], [], batch)], cores)
+        wall_ab, results = _cli([sys.executable, *_extract(source, work / f"together-{r}.h5", [MODEL, SECOND],
+                                                            [f"{MODEL}={lite0_weights()}"], batch)], cores)
+        if "sep" not in best or wall_a + wall_b < best["sep"][0]:
+            best["sep"] = (wall_a + wall_b, ra["seconds"] + rb["seconds"])
+        if "one" not in best or wall_ab < best["one"][0]:
+            best["one"] = (wall_ab, results[0]["seconds"])
+        best["n"] = ra["n_processed"]
+    return best
 
 
 # -- (f) commits against store size ---------------------------------------------------------------
@@ -150,40 +163,47 @@ def commit_rows(sizes: list[int], dim: int = 1280) -> list[tuple]:
 
 def run_scaling(args) -> None:
     cores = os.cpu_count() or 1
-    n = args.n_images or 1024
-    batch = args.batch_size or 32
+    gpu = torch.cuda.is_available()
+    n = args.n_images or (20000 if gpu else 1024)
+    batch = args.batch_size or (256 if gpu else 32)
     work = CACHE / "extract_scaling"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     try:
         source = _manifest(n, work / "images.csv")
-        tr = torchrun_rows(source, work, batch, cores)
-        bb = backbone_rows(source, work, batch, cores)
+        tr = torchrun_rows(source, work, batch, cores, args.repeats)
+        bb = backbone_rows(source, work, batch, cores, args.repeats)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     commits = commit_rows([int(x) for x in args.store_rows.split(",")])
     md = [
-        f"## extract_scaling (cpu: {cores} cores, torch {torch.__version__})",
+        f"## extract_scaling ({torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu'}: {cores} cores, "
+        f"torch {torch.__version__})",
         "",
         f"`{command_line()}`",
         "",
         f"{n} CIFAR-10 JPEGs (a CSV manifest), {MODEL} with its real ImageNet weights, batch {batch}, fp32, page cache warm. "
-        "Wall: the whole command (process start, model creation, extraction, commit); extract: the extraction as featx reports it.",
+        "Wall: the whole command (process start, model creation, extraction, commit); extract: the extraction as featx reports it "
+        f"(model creation included). Each variant is the best of {args.repeats} runs, the variants alternating.",
         "",
         "| torchrun --nproc_per_node | threads per process | images | extract s | images/s | wall s |",
         "|---:|---:|---:|---:|---:|---:|",
         *[f"| {p} | {t} | {k} | {s:.1f} | {ips:.1f} | {w:.1f} |" for p, t, k, s, ips, w in tr],
         "",
-        f"2 processes / 1 process: {tr[1][4] / tr[0][4]:.2f}x images/s, {tr[0][5] / tr[1][5]:.2f}x wall.",
+        f"{tr[-1][0]} processes / 1 process: {tr[-1][4] / tr[0][4]:.2f}x images/s, {tr[0][5] / tr[-1][5]:.2f}x wall."
+        if len(tr) > 1 else "One GPU: no second process to compare.",
+        "" if torch.cuda.is_available() else
+        "No GPU was lent to the session that measured this: the rows for 1 GPU (and for several) are still to be measured "
+        "(the same command on a GPU machine runs one process per GPU).",
         "",
         f"Two backbones ({MODEL} + {SECOND}, the second random-init) on the same {bb['n']} images:",
         "",
         "| variant | wall s | extract s |",
         "|---|---:|---:|",
-        f"| `--model {MODEL}` then `--model {SECOND}` (two runs) | {bb['a'] + bb['b']:.1f} | {bb['a_s'] + bb['b_s']:.1f} |",
-        f"| `--model {MODEL} --model {SECOND}` (one decode pass) | {bb['ab']:.1f} | {bb['ab_s']:.1f} |",
+        f"| `--model {MODEL}` then `--model {SECOND}` (two runs) | {bb['sep'][0]:.1f} | {bb['sep'][1]:.1f} |",
+        f"| `--model {MODEL} --model {SECOND}` (one decode pass) | {bb['one'][0]:.1f} | {bb['one'][1]:.1f} |",
         "",
-        f"Time saved by one pass: {bb['a'] + bb['b'] - bb['ab']:.1f} s wall ({1 - bb['ab'] / (bb['a'] + bb['b']):.0%}).",
+        f"Time saved by one pass: {bb['sep'][0] - bb['one'][0]:.1f} s wall ({1 - bb['one'][0] / bb['sep'][0]:.0%}).",
         "",
         "Committing into a store against its size (synthetic 1280-d float32 rows; a new group of 1,000 rows):",
         "",

@@ -116,6 +116,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-write", action="store_true", help="print the table without updating RESULTS.md")
     p.add_argument("--scaling", action="store_true", help="torchrun processes, backbones per pass and store commits instead")
     p.add_argument("--store-rows", default="20000,80000,320000", help="--scaling: rows of the stores to commit into (1280-d float32)")
+    p.add_argument("--repeats", type=int, default=2, help="--scaling: runs of each variant, alternating (the best is reported)")
     args = p.parse_args(argv)
     if args.scaling:
         from _scaling import run_scaling

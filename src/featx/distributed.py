@@ -54,12 +54,14 @@ def launched_ranks() -> Ranks | None:
 
 
 def rank_device(device: str, ranks: Ranks | None) -> str:
-    """``auto`` and ``cuda`` become ``cuda:LOCAL_RANK`` when CUDA is present; anything else is kept."""
+    """``auto`` and ``cuda`` become ``cuda:LOCAL_RANK`` when CUDA is present (modulo the GPU count); anything else is kept."""
     if ranks is None or device not in ("auto", "cuda"):
         return device
     import torch
 
-    return f"cuda:{ranks.local_rank}" if torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    if not torch.cuda.is_available():
+        return "cpu" if device == "auto" else device
+    return f"cuda:{ranks.local_rank % torch.cuda.device_count()}"  # more processes than GPUs share them
 
 
 @contextmanager
