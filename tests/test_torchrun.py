@@ -112,7 +112,7 @@ def test_kill_one_rank_then_rerun_resumes_every_rank_from_its_journal(tmp_path, 
     try:
         victim = _pid_of_rank(tag, 1)
         deadline = time.monotonic() + 120
-        while _rows(journals[1], "test_efficientnet") < 8:
+        while min(_rows(j, "test_efficientnet") for j in journals) < 8:  # both ranks are under way
             assert proc.poll() is None and time.monotonic() < deadline, "no progress before the kill"
             time.sleep(0.02)
         os.kill(victim, signal.SIGKILL)
@@ -122,7 +122,7 @@ def test_kill_one_rank_then_rerun_resumes_every_rank_from_its_journal(tmp_path, 
             os.killpg(proc.pid, signal.SIGKILL)
     assert rc != 0 and not out.exists()  # torchrun stopped the job; nothing was committed
     done = [_rows(j, "test_efficientnet") for j in journals]
-    assert 8 <= done[1] < 60 and done[0] > 0, done
+    assert 8 <= done[1] < 60 and done[0] >= 8, done
     rc, stdout, err = _finish(_torchrun(args, tmp_path))
     assert rc == 0, err
     assert "(resumed at image" in stdout and "Rank 1 of 2" in err and "(resumed at image" in err.split("Rank 1 of 2")[1], stdout + err

@@ -98,9 +98,15 @@ def referenced_files(out: Path) -> set[str]:
 
 
 def fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+    """Ask the OS to put ``path`` on disk (for power loss; a kill needs no fsync); best effort."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
 
