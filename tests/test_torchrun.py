@@ -129,3 +129,22 @@ def test_kill_one_rank_then_rerun_resumes_every_rank_from_its_journal(tmp_path, 
     assert not any(j.exists() for j in journals)
     a, b = load_features(out), load_features(ref)
     assert a.ids.tolist() == b.ids.tolist() and np.array_equal(a.y, b.y) and np.abs(a.X - b.X).max() < 1e-3
+
+
+def test_ranks_from_the_environment_and_their_shares(monkeypatch):
+    from featx.distributed import Ranks, contiguous_shares, launched_ranks, rank_device
+
+    monkeypatch.delenv("RANK", raising=False)
+    assert launched_ranks() is None
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert launched_ranks() is None  # a job of one process runs as without torchrun
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    ranks = launched_ranks()
+    assert ranks == Ranks(3, 4, 1) and ranks.tag == "rank3-of-4" and not ranks.is_main
+    assert rank_device("cpu", ranks) == "cpu" and rank_device("auto", ranks) in ("cpu", "cuda:0", "cuda:1")
+    shares = contiguous_shares(10, 4)
+    assert shares == [(0, 2), (2, 5), (5, 8), (8, 10)]  # contiguous, in order, every item once
+    assert contiguous_shares(3, 4) == [(0, 1), (1, 2), (2, 2), (2, 3)]
