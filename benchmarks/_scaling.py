@@ -34,6 +34,7 @@ from featx.store import ImageList, JournalWriter, StoreKey, commit_parts
 
 MODEL, SECOND = "tf_efficientnet_lite0", "mobilenetv3_small_100"
 SRC = Path(__file__).resolve().parents[1] / "src"
+LOADS: list[float] = []  # 1-minute load average before each command (other users of the machine)
 
 
 def _manifest(n: int, path: Path) -> Path:
@@ -53,6 +54,7 @@ def _manifest(n: int, path: Path) -> Path:
 def _cli(argv: list[str], threads: int) -> tuple[float, list[dict]]:
     """Wall seconds of a featx command line and the JSON results it printed (rank 0's)."""
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": str(threads)}
+    LOADS.append(os.getloadavg()[0])
     t0 = time.perf_counter()
     proc = subprocess.run(argv, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
@@ -72,21 +74,21 @@ def _extract(source: Path, out: Path, models: list[str], weights: list[str], bat
 
 
 def torchrun_rows(source: Path, work: Path, batch: int, cores: int, repeats: int) -> list[tuple]:
-    """Best of ``repeats`` runs (alternating 1 and 2 processes) of each: (processes, threads, images, extract s, images/s, wall s)."""
-    best: dict[int, tuple] = {}
+    """Best of ``repeats`` runs (variants alternating) of each: (processes, threads, images, extract s, images/s, wall s)."""
+    best: dict[tuple, tuple] = {}
     _cli([sys.executable, *_extract(source, work / "warm.h5", [MODEL], [lite0_weights()], batch)], cores)  # warm-up
     gpus = torch.cuda.device_count()
-    nprocs = (1, gpus) if gpus > 1 else (1,) if gpus == 1 else (1, 2)
+    variants = [(1, cores), (gpus, max(1, cores // gpus))] if gpus > 1 else [(1, cores)] if gpus == 1 else [(1, cores), (1, 1), (2, 1)]
     for r in range(repeats):
-        for nproc in nprocs:
-            out = work / f"torchrun{nproc}-{r}.h5"
+        for nproc, threads in variants:
+            out = work / f"torchrun{nproc}x{threads}-{r}.h5"
             argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
                     *_extract(source, out, [MODEL], [lite0_weights()], batch)]
-            wall, (result,) = _cli(argv, max(1, cores // nproc))
-            row = (nproc, max(1, cores // nproc), result["n_processed"], result["seconds"], result["images_per_s"], wall)
-            if nproc not in best or row[5] < best[nproc][5]:
-                best[nproc] = row
-    return [best[k] for k in nprocs]
+            wall, (result,) = _cli(argv, threads)
+            row = (nproc, threads, result["n_processed"], result["seconds"], result["images_per_s"], wall)
+            if (nproc, threads) not in best or row[5] < best[nproc, threads][5]:
+                best[nproc, threads] = row
+    return [best[v] for v in variants]
 
 
 def backbone_rows(source: Path, work: Path, batch: int, cores: int, repeats: int) -> dict:
@@ -190,8 +192,13 @@ def run_scaling(args) -> None:
         "|---:|---:|---:|---:|---:|---:|",
         *[f"| {p} | {t} | {k} | {s:.1f} | {ips:.1f} | {w:.1f} |" for p, t, k, s, ips, w in tr],
         "",
-        f"{tr[-1][0]} processes / 1 process: {tr[-1][4] / tr[0][4]:.2f}x images/s, {tr[0][5] / tr[-1][5]:.2f}x wall."
+        f"{tr[-1][0]} processes / 1 process of {tr[0][1]} threads: {tr[-1][4] / tr[0][4]:.2f}x images/s, {tr[0][5] / tr[-1][5]:.2f}x wall."
         if len(tr) > 1 else "One GPU: no second process to compare.",
+        "",
+        f"1-minute load average before the commands: {min(LOADS):.1f}-{max(LOADS):.1f} on {cores} cores"
+        + (" (the machine was shared: a process whose OpenMP threads take every core loses the most when other processes "
+           "compete for the cores, since its threads wait for each other at every layer)." if max(LOADS) > cores else "."),
+        "",
         "" if torch.cuda.is_available() else
         "No GPU was lent to the session that measured this: the rows for 1 GPU (and for several) are still to be measured "
         "(the same command on a GPU machine runs one process per GPU).",
