@@ -16,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featx import ExtractConfig, FeatureStore, extract, load_features
+from featx import ExtractConfig, FeatureStore, extract, load_features, resolve_source
 from featx.cli import main
 from featx.store import data_dir, journal_path
 
@@ -88,20 +88,22 @@ def test_ten_images_added_to_a_thousand_embed_ten(tmp_path, thousand):
     out = tmp_path / "f.h5"
     first = extract(str(imgs), _cfg(batch_size=64), out)
     assert first.n_processed == 1000
-    part = hashlib.sha256(out.read_bytes()).hexdigest()
+    part, before = hashlib.sha256(out.read_bytes()).hexdigest(), load_features(out)
     for i in range(10):
         write_image(imgs / f"class{i % 5}" / f"new{i}.png", (90, 90, 90), size=(12, 10), seed=5000 + i)  # class4 is new
     grown = extract(str(imgs), _cfg(batch_size=64), out)
     assert grown.n_processed == 10 and grown.added_to == 1000 and grown.n_rows == 1010 and not grown.cache_hit
     assert "Extracted 10 new images (added to the 1000 already stored)" in grown.summary()
-    extract(str(imgs), _cfg(batch_size=64), tmp_path / "fresh.h5")
-    fresh, store = load_features(tmp_path / "fresh.h5"), load_features(out)
-    _same_rows(store, fresh)
-    assert store.class_names == fresh.class_names == [f"class{c}" for c in range(5)]
+    src, store = resolve_source(imgs), load_features(out)
+    new = [i for i, image_id in enumerate(src.ids) if "/new" in image_id]
+    extract(src.subset(new), _cfg(batch_size=64), tmp_path / "new.h5")  # the ten alone, as the append embedded them
+    assert np.array_equal(store.X[1000:], load_features(tmp_path / "new.h5").X) and np.array_equal(store.X[:1000], before.X)
+    assert store.class_names == src.class_names == [f"class{c}" for c in range(5)]
     with FeatureStore(out) as s:
-        assert s.attrs()["image_list_sha256"] == FeatureStore(tmp_path / "fresh.h5").attrs()["image_list_sha256"]
+        assert s.attrs()["image_list_sha256"] == src.fingerprint() and s.attrs()["image_stamps_sha256"] == src.stamps_fingerprint()
         index = s.file["test_resnet/index"][:]
-    assert sorted(index.tolist()) == list(range(1010)) and [fresh.ids[i] for i in index] == store.ids.tolist()
+    assert sorted(index.tolist()) == list(range(1010)) and [src.ids[i] for i in index] == store.ids.tolist()
+    assert store.y.tolist() == src.labels[index].tolist() and store.splits.tolist() == [src.splits[i] for i in index]
     assert part in {hashlib.sha256(p.read_bytes()).hexdigest() for p in data_dir(out).glob("*.h5")}  # the 1000 rows, untouched
     assert extract(str(imgs), _cfg(batch_size=64), out).cache_hit
 
