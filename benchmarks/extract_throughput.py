@@ -10,6 +10,11 @@ precision, measures images/s of:
 
 Reports (a)/(b) (targets: >= 0.85 on CPU, >= 0.9 on GPU) and (a)/(c) (>= 1.5 on CPU, >= 10 on GPU),
 and writes the table and the command to benchmarks/RESULTS.md.
+
+``--scaling`` measures instead (section ``extract_scaling``, see ``_scaling.py``): ``featx extract``
+under torchrun with 1 and 2 processes; two backbones in one decode pass against two separate runs;
+and the time to commit a group, or to add images to one, against the size of the store, beside
+what featx 0.1 did (a new copy of the whole store per commit).
 """
 
 from __future__ import annotations
@@ -109,7 +114,14 @@ def main(argv=None) -> None:
     p.add_argument("--workers", type=int, default=None, help="featx decoding workers (default: featx's)")
     p.add_argument("--cifar-tar", default=str(CIFAR_TAR))
     p.add_argument("--no-write", action="store_true", help="print the table without updating RESULTS.md")
+    p.add_argument("--scaling", action="store_true", help="torchrun processes, backbones per pass and store commits instead")
+    p.add_argument("--store-rows", default="20000,80000,320000", help="--scaling: rows of the stores to commit into (1280-d float32)")
+    p.add_argument("--repeats", type=int, default=2, help="--scaling: runs of each variant, alternating (the best is reported)")
     args = p.parse_args(argv)
+    if args.scaling:
+        from _scaling import run_scaling
+
+        return run_scaling(args)
 
     device = resolve_device(args.device)
     on_gpu = device.type == "cuda"

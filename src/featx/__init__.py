@@ -19,7 +19,7 @@ _EXPORTS = {
     "BackboneInfo": "backbones", "create_backbone": "backbones", "load_weights": "backbones", "read_checkpoint": "backbones",
     "ImageEmbedder": "embedder",
     "ExtractConfig": "configs", "FitHeadConfig": "configs", "FinetuneConfig": "configs", "PredictConfig": "configs",
-    "ExtractResult": "extraction", "extract": "extraction",
+    "ExtractResult": "extraction", "extract": "extraction", "extract_many": "extraction",
     "FitHeadResult": "fitting", "fit_head": "fitting",
     "EvaluationResult": "evaluation", "evaluate_head": "evaluation",
     "PredictResult": "prediction", "predict_images": "prediction",
@@ -52,7 +52,7 @@ if TYPE_CHECKING:
     from .configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
     from .embedder import ImageEmbedder  # noqa: F401
     from .evaluation import EvaluationResult, evaluate_head  # noqa: F401
-    from .extraction import ExtractResult, extract  # noqa: F401
+    from .extraction import ExtractResult, extract, extract_many  # noqa: F401
     from .finetuning import FinetuneResult, finetune  # noqa: F401
     from .fitting import FitHeadResult, fit_head  # noqa: F401
     from .head_folder import LoadedHead, load_head, save_head  # noqa: F401

@@ -113,7 +113,7 @@ def create_backbone(
         weights_sha256=state_dict_sha256(model),
         weights_file_sha256=file_hash,
         load_notice=notice,
-        num_features=int(model.num_features if num_classes == 0 else model.num_classes),
+        num_features=int((getattr(model, "head_hidden_size", None) or model.num_features) if num_classes == 0 else model.num_classes),
     )
     return model, info
 

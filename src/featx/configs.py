@@ -7,12 +7,12 @@ This module imports neither torch nor scikit-learn, so building the command line
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .errors import FeatxError
 
 __all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "DemoConfig", "CompareConfig", "parse_freeze",
-           "FAST_HEADS"]
+           "FAST_HEADS", "extract_configs"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
 FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
@@ -37,8 +37,35 @@ class ExtractConfig:
     layers: str = "last"  # pooled outputs, concatenated in this order: last and stages from the end, e.g. 'last,-1,-2'
     tta: str | None = None  # test-time augmentation: None or 'flip' (average over the image and its mirror)
     key: str | None = None  # group name in the store (default: the model name)
-    overwrite: bool = False  # replace an existing group made with other settings
+    overwrite: bool = False  # replace an existing group (or one whose images changed) made with other settings
     progress: bool = True  # show a progress bar
+    split: str | None = None  # put every image in this split (default: from the folders, CSV column or shard names)
+
+
+def extract_configs(base: ExtractConfig, models: list[str], weights: list[str] | None = None) -> list[ExtractConfig]:
+    """One config per model of ``featx extract --model A --model B ...``, sharing ``base``'s other options.
+
+    ``weights`` are ``NAME=PATH`` per model, or paths in the same order as ``models`` (one path
+    for one model, as before).
+    """
+    if len(set(models)) != len(models):
+        raise FeatxError("a --model is given twice; extract variants of one model in separate runs with --key")
+    if base.key is not None and len(models) > 1:
+        raise FeatxError("--key names one group; with several --model each group is named after its model")
+    chosen: dict[str, str] = {}
+    if weights:
+        named = [w.partition("=") for w in weights if w.partition("=")[0] in models and w.partition("=")[1]]
+        if named and len(named) != len(weights):
+            raise FeatxError("give every --weights as NAME=PATH (NAME one of the --model names), or all as paths in --model order")
+        if named:
+            chosen = {name: path for name, _, path in named}
+            if len(chosen) != len(named):
+                raise FeatxError("a model has two --weights NAME=PATH")
+        elif len(weights) == len(models):
+            chosen = dict(zip(models, weights))
+        else:
+            raise FeatxError(f"{len(weights)} --weights for {len(models)} --model; give one per model in the same order, or NAME=PATH")
+    return [replace(base, model=m, weights=chosen.get(m)) for m in models]
 
 
 

@@ -27,7 +27,7 @@ from .loading import fixed_grid_loader
 from .preprocess import DevicePreprocessor, Geometry, eval_transform
 from .sources import ImageSource, images_source
 
-__all__ = ["ImageEmbedder", "EmbeddedBatch", "pooling_name"]
+__all__ = ["ImageEmbedder", "EmbeddedBatch", "embed_together", "pooling_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -40,6 +40,7 @@ class EmbeddedBatch:
     index: list[int]  # image indices of the rows
     bad: list[tuple[int, str]]  # (image index, reason) of unreadable images
     next_image: int  # first image index after this batch
+    digests: list[str] | None = None  # content digest of each row's image (aligned with index), when asked for
 
 
 def pooling_name(model: torch.nn.Module) -> str:
@@ -273,26 +274,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         On CUDA the next batch is computed while the previous one is handed back.
         """
         check_is_fitted(self, "model_")
-        batch_size = batch_size or self.batch_size
-        if start >= len(source):
-            return
-        workers = inference_workers(self.device_) if self.workers is None else self.workers
-        loader = fixed_grid_loader(source, self.prepare, start=start, batch_size=batch_size, workers=workers)
-        pending = None  # previous batch, handed back while the device computes the next one
-        try:
-            for batch in loader:
-                ok = [(i, t) for i, t, _ in batch if t is not None]
-                feats = self.embed_prepared([t for _, t in ok]).to("cpu", non_blocking=True) if ok else None
-                if pending is not None:
-                    yield pending
-                if self.device_.type == "cuda":
-                    torch.cuda.current_stream(self.device_).synchronize()
-                rows = feats.numpy() if feats is not None else np.empty((0, self.num_features_), np.float32)
-                pending = EmbeddedBatch(rows, [i for i, _ in ok], [(i, r) for i, t, r in batch if t is None], batch[-1][0] + 1)
-            if pending is not None:
-                yield pending
-        except torch.OutOfMemoryError:
-            raise FeatxError(f"out of memory on {self.device_} at batch size {batch_size}; rerun with a smaller --batch-size") from None
+        for batches in embed_together([self], source, start=start, batch_size=batch_size or self.batch_size, workers=self.workers):
+            yield batches[0]
 
     def transform(self, X) -> np.ndarray:
         """Embeddings [n, D] of ``X``: an ImageSource, or a list of image paths, PIL images or uint8 arrays."""
@@ -314,3 +297,43 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         tags.input_tags.two_d_array = False
         return tags
 
+
+
+def embed_together(embedders: list[ImageEmbedder], source: ImageSource, *, start: int = 0, batch_size: int,
+                   workers: int | None = None, digests: bool = False, done: list[int] | None = None):
+    """Yield, per batch of the fixed grid ``[start, start + batch_size), ...``, one :class:`EmbeddedBatch` per embedder.
+
+    Each image is decoded once and prepared for every embedder (several backbones cost one decode
+    pass). ``done[j]``: embedder ``j`` already holds the images before that position (its journal is
+    ahead of the others'), so its entry is None for those batches. With ``digests`` each batch
+    carries the content digest of its rows' images. On CUDA the next batch is computed while the
+    previous one is handed back.
+    """
+    for e in embedders:
+        check_is_fitted(e, "model_")
+    if start >= len(source):
+        return
+    done = done or [0] * len(embedders)
+    first = embedders[0]
+    workers = inference_workers(first.device_) if workers is None else workers
+    loader = fixed_grid_loader(source, [e.prepare for e in embedders], start=start, batch_size=batch_size, workers=workers, digests=digests)
+    pending = None  # previous batches, handed back while the devices compute the next ones
+    try:
+        for batch in loader:
+            ok = [(i, t, d) for i, t, _, d in batch if t is not None]
+            active = [done[j] <= batch[0][0] for j in range(len(embedders))]
+            feats = [e.embed_prepared([t[j] for _, t, _ in ok]).to("cpu", non_blocking=True) if ok and active[j] else None
+                     for j, e in enumerate(embedders)]
+            if pending is not None:
+                yield pending
+            for e in embedders:
+                if e.device_.type == "cuda":
+                    torch.cuda.current_stream(e.device_).synchronize()
+            bad = [(i, r) for i, t, r, _ in batch if t is None]
+            pending = [EmbeddedBatch(f.numpy() if f is not None else np.empty((0, e.num_features_), np.float32), [i for i, _, _ in ok], bad,
+                                     batch[-1][0] + 1, [d for _, _, d in ok] if digests else None) if active[j] else None
+                       for j, (e, f) in enumerate(zip(embedders, feats))]
+        if pending is not None:
+            yield pending
+    except torch.OutOfMemoryError:
+        raise FeatxError(f"out of memory on {first.device_} at batch size {batch_size}; rerun with a smaller --batch-size") from None

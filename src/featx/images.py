@@ -6,6 +6,7 @@ grayscale/palette/alpha/CMYK/16-bit modes and Pillow's decompression-bomb guard.
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -14,18 +15,26 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImage
 
-__all__ = ["open_image", "to_rgb"]
+__all__ = ["open_image", "decode_image", "to_rgb"]
 
 
 def open_image(path: str | Path) -> Image.Image:
     """Decode ``path`` fully into an RGB image, or raise :class:`BadImage` with the reason."""
-    path = Path(path)
+    return _decode(Path(path))
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Decode image bytes held in memory (a tar member, a file read once to hash it) like :func:`open_image`."""
+    return _decode(io.BytesIO(data))
+
+
+def _decode(file: Path | io.BytesIO) -> Image.Image:
     try:
-        if path.stat().st_size == 0:
+        if (file.stat().st_size if isinstance(file, Path) else file.getbuffer().nbytes) == 0:
             raise BadImage("empty file (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(file) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
                 return to_rgb(img)

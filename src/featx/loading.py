@@ -6,7 +6,7 @@ caller can record it.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from torch.utils.data import DataLoader, Dataset
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from .errors import BadImage
 from .sources import ImageSource
 
-__all__ = ["ImageDataset", "fixed_grid_loader", "as_list"]
+__all__ = ["ImageDataset", "SharedDecodeDataset", "fixed_grid_loader", "as_list"]
 
 
 class ImageDataset(Dataset):
@@ -38,20 +38,54 @@ class ImageDataset(Dataset):
             return i, None, str(e)
 
 
+class SharedDecodeDataset(Dataset):
+    """Each image of ``source`` decoded once and handed to every one of ``prepares`` (one per backbone).
+
+    Items are ``(image index, [prepare(image) for each prepare], None, digest)``, or
+    ``(image index, None, reason, digest)`` when the image cannot be decoded; ``digest`` is the
+    content digest of the bytes the image came from (None when ``digests`` is off or they could not be read).
+    """
+
+    def __init__(self, source: ImageSource, prepares: Sequence[Callable], digests: bool = False):
+        self.source, self.prepares, self.digests = source, list(prepares), digests
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int):
+        if self.digests:
+            img, digest, reason = self.source.load_with_digest(i)
+        else:
+            digest = None
+            try:
+                img, reason = self.source.load(i), None
+            except BadImage as e:
+                img, reason = None, str(e)
+        if img is None:
+            return i, None, reason, digest
+        try:
+            return i, [prepare(img) for prepare in self.prepares], None, digest
+        except BadImage as e:
+            return i, None, str(e), digest
+
+
 def as_list(batch: list) -> list:
     """A collate function that keeps the batch as the list of dataset items."""
     return batch
 
 
-def fixed_grid_loader(source: ImageSource, prepare: Callable, *, start: int, batch_size: int, workers: int) -> DataLoader:
-    """Batches ``[start, start + batch_size), ...`` over ``source`` in order, as lists of :class:`ImageDataset` items.
+def fixed_grid_loader(source: ImageSource, prepare: Callable | Sequence[Callable], *, start: int, batch_size: int, workers: int,
+                      digests: bool = False) -> DataLoader:
+    """Batches ``[start, start + batch_size), ...`` over ``source`` in order, as lists of dataset items.
 
-    The grid does not depend on where a run starts, so a resumed extraction computes exactly the
-    batches an uninterrupted one would.
+    One ``prepare``: :class:`ImageDataset` items; a list of them (several backbones) or ``digests``:
+    :class:`SharedDecodeDataset` items. The grid does not depend on where a run starts, so a
+    resumed extraction computes exactly the batches an uninterrupted one would.
     """
     n = len(source)
+    shared = not callable(prepare) or digests
     return DataLoader(
-        ImageDataset(source, prepare),
+        SharedDecodeDataset(source, [prepare] if callable(prepare) else prepare, digests) if shared else ImageDataset(source, prepare),
         batch_sampler=[list(range(s, min(s + batch_size, n))) for s in range(start, n, batch_size)],
         num_workers=workers,
         collate_fn=as_list,

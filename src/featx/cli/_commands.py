@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 from ..configs import CompareConfig, DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
@@ -11,6 +12,7 @@ from ._options import (add_backbone_options, add_option, add_runtime_options, co
 __all__ = ["COMMANDS"]
 
 SOURCE_HELP = ("image folder (<class>/<img> or <split>/<class>/<img>), CSV manifest (path,label[,split]), "
+               "WebDataset .tar shards (a file, a folder of them or a pattern like shards/train-{000000..000127}.tar), "
                "'digits' or 'fashion-mnist[:DIR]'")
 
 
@@ -23,11 +25,19 @@ def _print_result(result, as_json: bool = False) -> int:
 
 # -- extract -----------------------------------------------------------------------------------
 def add_extract(sub) -> None:
-    p = sub.add_parser("extract", help="cache a frozen timm backbone's embeddings of an image set in HDF5",
-                       description="Run a frozen timm backbone over SOURCE and cache the pooled embeddings in an HDF5 store. "
-                                   "Interrupted runs resume; reruns are cache hits.")
+    p = sub.add_parser("extract", help="cache frozen timm backbones' embeddings of an image set in HDF5",
+                       description="Run frozen timm backbones over SOURCE and cache the pooled embeddings in an HDF5 store, one group "
+                                   "per model; several --model share one decode pass. Interrupted runs resume; reruns are cache hits; "
+                                   "images added to SOURCE since are embedded alone and appended. Launch with torchrun to split the "
+                                   "images across processes, GPUs and nodes.")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
-    add_backbone_options(p, ExtractConfig)
+    p.add_argument("--model", action="append", required=True, metavar="NAME",
+                   help="timm model name, e.g. tf_efficientnet_lite0 (repeatable: one group per model, one decode pass)")
+    w = p.add_mutually_exclusive_group()
+    add_option(w, ExtractConfig, "--pretrained", action="store_true", help="load timm's pretrained weights from the hub (needs internet)")
+    w.add_argument("--weights", action="append", metavar="[NAME=]PATH",
+                   help="local checkpoint (.pth, .pt, .safetensors); with several --model: NAME=PATH, or one per model in the same order")
+    add_option(p, ExtractConfig, "--img-size", type=positive_int, metavar="N", help="input resolution (default: the model's)")
     p.add_argument("--out", required=True, metavar="FEATURES.h5", help="HDF5 store to write (created or extended)")
     add_runtime_options(p, ExtractConfig)
     add_option(p, ExtractConfig, "--compile", action="store_true", help="torch.compile the backbone")
@@ -39,14 +49,30 @@ def add_extract(sub) -> None:
                     "feature_info) or blocks (b-1, b-2, ...: EfficientNet/MobileNet blocks), e.g. last,b-1,b-2,b-3,b-4")
     add_option(p, ExtractConfig, "--tta", choices=["flip"], help="average each embedding over the image and its horizontal mirror")
     add_option(p, ExtractConfig, "--key", help="group name in the store (default: the model name); use it to keep several variants")
-    add_option(p, ExtractConfig, "--overwrite", action="store_true", help="replace an existing group made with other settings")
+    add_option(p, ExtractConfig, "--split", metavar="S",
+               help="put every image in split S (default: from the folders, the CSV's split column or the shard names, else train)")
+    add_option(p, ExtractConfig, "--overwrite", action="store_true",
+               help="replace an existing group made with other settings or from images that changed since")
+    p.add_argument("--json", action="store_true", help="print each group's result as one JSON object per line at the end")
     p.set_defaults(func=cmd_extract)
 
 
 def cmd_extract(args) -> int:
-    from ..extraction import extract
+    from ..configs import extract_configs
+    from ..extraction import extract_many
 
-    return _print_result(extract(args.source, config_from(ExtractConfig, args), args.out))
+    configs = extract_configs(config_from(ExtractConfig, args, model=args.model[0], weights=None), args.model, args.weights)
+    results = extract_many(args.source, configs, args.out)
+    if results[0].rank > 0:  # under torchrun stdout is rank 0's alone; the other ranks report on stderr
+        for result in results:
+            logging.getLogger("featx").info(result.summary())
+        return 0
+    for result in results:
+        print(result.summary())
+    if args.json:
+        for result in results:
+            print(json.dumps(result.to_dict()))
+    return 0
 
 
 # -- fit-head / evaluate / predict -------------------------------------------------------------

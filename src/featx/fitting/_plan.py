@@ -38,6 +38,7 @@ class FitPlan:
     test_rows: np.ndarray
     y_train: np.ndarray
     y_test: np.ndarray
+    n_duplicates: int | None = None  # test rows whose image (same bytes) is also a training row; None: not recorded
 
     @property
     def train_bytes(self) -> int:
@@ -100,7 +101,21 @@ def plan_fit(store: FeatureStore, features, config: FitHeadConfig, out: Path | N
     _check_trainable(plan, config)
     if holdout is None:
         _warn_class_coverage(plan)
+    plan.n_duplicates = _shared_images(store, plan)
     return plan
+
+
+def _shared_images(store: FeatureStore, plan: FitPlan) -> int | None:
+    """How many test rows show an image that is also a training row (same bytes); warns when any does."""
+    train, test = store.digests_of(plan.key, plan.train_rows), store.digests_of(plan.key, plan.test_rows)
+    if train is None or test is None:
+        return None
+    n = int(np.isin(test[test != b""], train[train != b""]).sum())
+    if n:
+        _logger.warning("%d of the %d test rows show an image that is also in the training rows (same file content); "
+                        "their predictions are not a test (a kNN head scores them perfectly): remove the duplicates from one split",
+                        n, len(plan.test_rows))
+    return n
 
 
 def _labelled(store: FeatureStore, key: str, split: str, role: str) -> tuple[np.ndarray, np.ndarray]:

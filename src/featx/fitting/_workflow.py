@@ -47,12 +47,14 @@ class FitHeadResult:
     test_split: str | None  # test split name; None: a hold-out of the training split
     test_description: str  # which rows were tested, in words
     sweep: dict | None = None
+    n_train_test_duplicates: int | None = None  # test rows whose image (same bytes) is also a training row; None: not recorded
 
     def to_dict(self) -> dict:
         return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
                 "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
                 "test_split": self.test_split, "test_split_description": self.test_description,
-                "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep, "out": str(self.out)}
+                "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep,
+                "n_train_test_duplicates": self.n_train_test_duplicates, "out": str(self.out)}
 
     def summary(self) -> str:
         lines = [f"Head '{self.head}' on '{self.model}' features: trained on {self.n_train} rows of '{self.train_split}' "
@@ -97,7 +99,8 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
     save_head(out, pipeline, meta, overwrite=True)
     return FitHeadResult(out=out, head=config.head, model=plan.key, metrics=metrics, n_train=len(plan.train_rows),
                          n_test=len(plan.test_rows), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
-                         train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep)
+                         train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep,
+                         n_train_test_duplicates=plan.n_duplicates)
 
 
 def _pipeline(config: FitHeadConfig, attrs: dict):

@@ -31,13 +31,21 @@ class StoreKey:
     precision: str  # fp32 / bf16 / fp16 compute
     dtype: str  # storage dtype
     image_list_sha256: str  # hash of ids, labels, splits (and pixels for in-memory datasets)
-    layers: str = "last"  # pooled outputs concatenated: 'last' and stages counted from the end
+    image_stamps_sha256: str = ""  # hash of every image file's size and mtime (shards': for tar members)
+    layers: str = "last"  # pooled outputs concatenated: 'last', stages or blocks counted from the end
     tta: str = "none"  # test-time augmentation: none | flip
 
     def differences(self, attrs) -> list[str]:
-        """Fields whose value differs from ``attrs`` (a field a store predates counts as its default)."""
+        """Fields whose recorded value differs. A field a store predates counts as its default (layers, tta), except
+        the file stamps, which are checked only where they were recorded (featx > 0.1)."""
         defaults = {f.name: f.default for f in fields(self) if f.default is not MISSING}
-        return [k for k, v in asdict(self).items() if str(attrs.get(k, defaults.get(k))) != str(v)]
+        out = []
+        for k, v in asdict(self).items():
+            if k not in attrs and k == "image_stamps_sha256":
+                continue
+            if str(attrs.get(k, defaults.get(k))) != str(v):
+                out.append(k)
+        return out
 
 
 @dataclass
@@ -51,6 +59,7 @@ class FeatureSet:
     class_names: list[str]
     key: str
     attrs: dict = field(default_factory=dict, repr=False)
+    digests: np.ndarray | None = field(default=None, repr=False)  # [n] content digest of each row's image; None: not recorded
 
     def __len__(self) -> int:
         return len(self.X)
@@ -58,7 +67,15 @@ class FeatureSet:
     def subset(self, idx: np.ndarray) -> "FeatureSet":
         """The rows ``idx`` (an index array or a boolean mask)."""
         return FeatureSet(X=self.X[idx], y=self.y[idx], ids=self.ids[idx], splits=self.splits[idx], class_names=self.class_names,
-                          key=self.key, attrs=self.attrs)
+                          key=self.key, attrs=self.attrs, digests=None if self.digests is None else self.digests[idx])
+
+    def count_shared_images(self, other: "FeatureSet") -> int | None:
+        """How many of ``other``'s rows show an image that is also one of these rows (same bytes); None if not recorded."""
+        if self.digests is None or other.digests is None:
+            return None
+        mine = self.digests[self.digests != b""]
+        theirs = other.digests[other.digests != b""]
+        return int(np.isin(theirs, mine).sum())
 
     def labelled(self, role: str, split: str) -> "FeatureSet":
         """These rows without unlabeled ones (label -1); an error naming the fix when no row is labelled."""
@@ -136,7 +153,16 @@ class FeatureStore:
 
     def models(self) -> list[str]:
         """Keys of the complete feature groups in the store."""
-        return sorted(k for k, g in self.file.items() if isinstance(g, h5py.Group) and "features" in g)
+        keys = []
+        for k in self.file:
+            try:
+                g = self.file[k]
+            except KeyError:  # a link whose file is gone
+                _logger.warning("group '%s' of '%s' cannot be opened (its file in '%s.d' is missing)", k, self.path, self.path.name)
+                continue
+            if isinstance(g, h5py.Group) and "features" in g:
+                keys.append(k)
+        return sorted(keys)
 
     def resolve_key(self, key: str | None = None) -> str:
         models = self.models()
@@ -202,6 +228,11 @@ class FeatureStore:
         """Features [len(rows), D] (float32) of the sorted ``rows``; only those rows are read."""
         return _take(self.file[self.resolve_key(key)]["features"], np.asarray(rows)).astype(np.float32, copy=False)
 
+    def digests_of(self, key: str, rows: np.ndarray) -> np.ndarray | None:
+        """Content digests of the images of the sorted ``rows``; None for stores that did not record them (featx 0.1)."""
+        g = self.file[self.resolve_key(key)]
+        return _take(g["digest"], np.asarray(rows)) if "digest" in g and _has_digests(g) else None
+
     def feature_dim(self, key: str | None = None) -> int:
         return int(self.file[self.resolve_key(key)]["features"].shape[1])
 
@@ -225,7 +256,28 @@ class FeatureStore:
             class_names=json.loads(g.attrs["class_names"]),
             key=key,
             attrs={k: attr_value(v) for k, v in g.attrs.items()},
+            digests=_take(g["digest"], idx) if "digest" in g and _has_digests(g) else None,
         )
+
+    def image_list(self, key: str) -> dict | None:
+        """What group ``key`` was extracted from, per image (rows, then skipped images): id, class name, split,
+        file size and mtime. None for groups written without file stamps (featx 0.1)."""
+        g = self.file[self.resolve_key(key)]
+        if "stamp" not in g or "stamp" not in g["skipped"]:
+            return None
+        classes, splits = json.loads(g.attrs["class_names"]), json.loads(g.attrs["split_names"])
+        labels = g["labels"][:]
+        return {
+            "ids": g["ids"].asstr()[:].tolist() + g["skipped"]["ids"].asstr()[:].tolist(),
+            "classes": [classes[y] if y >= 0 else "" for y in labels.tolist()] + [None] * int(g["skipped"]["ids"].shape[0]),
+            "splits": [splits[c] for c in g["split"][:].tolist()] + [None] * int(g["skipped"]["ids"].shape[0]),
+            "stamps": np.concatenate([g["stamp"][:], g["skipped"]["stamp"][:]]),
+        }
+
+
+def _has_digests(g: h5py.Group) -> bool:
+    """Digests were recorded (a group of in-memory images written through the journal without them has empty ones)."""
+    return g["digest"].shape[0] == 0 or g["digest"][0] != b""
 
 
 def read_skipped(group: h5py.Group) -> list[tuple[str, str]]:

@@ -1,128 +1,27 @@
-"""Image sources: folders, CSV manifests and named datasets, as one ordered list of images.
-
-Every source resolves to an :class:`ImageSource`: image identifiers, integer labels, split names
-and class names, plus a way to load image ``i`` as an RGB PIL image. The order is deterministic
-(sorted paths), so the same source always yields the same image list and the same hash.
-"""
+"""Image files on disk: folder layouts and CSV manifests; the named datasets held in memory."""
 
 from __future__ import annotations
 
 import csv
 import gzip
-import hashlib
 import logging
-import os
 import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from .errors import FeatxError
-from .images import open_image
-from .splits import SPLIT_FOLDER_NAMES
+from ..errors import FeatxError
+from ..splits import SPLIT_FOLDER_NAMES
+from ._source import IMG_EXTENSIONS, UNLABELED, ImageSource
 
-__all__ = ["ImageSource", "resolve_source", "images_source", "IMG_EXTENSIONS"]
+__all__ = ["folder_source", "manifest_source", "natural_key", "digits_source", "fashion_mnist_source", "FASHION_MNIST_DIR"]
 
 _logger = logging.getLogger(__name__)
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 ]
-UNLABELED = -1
-
-
-@dataclass
-class ImageSource:
-    """An ordered list of images with labels, splits and class names."""
-
-    name: str  # what the user passed (path or dataset name), for messages and metadata
-    ids: list[str]  # relative paths for files, '<dataset>/<split>/<index>' for named datasets
-    labels: np.ndarray  # int64 class index per image, -1 where unlabeled
-    splits: list[str]  # split name per image
-    class_names: list[str]  # index -> class name
-    root: Path | None = None  # folder that relative ids are resolved against
-    arrays: np.ndarray | None = field(default=None, repr=False)  # in-memory uint8 images, if any
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    @property
-    def split_names(self) -> list[str]:
-        """Split names in order of first appearance."""
-        return list(dict.fromkeys(self.splits))
-
-    def path(self, i: int) -> Path | None:
-        return None if self.root is None else self.root / self.ids[i]
-
-    def load(self, i: int) -> Image.Image:
-        """Image ``i`` as an RGB PIL image; raises :class:`BadImage` if it cannot be decoded."""
-        if self.arrays is not None:
-            return Image.fromarray(self.arrays[i]).convert("RGB")
-        return open_image(self.root / self.ids[i])
-
-    def fingerprint(self) -> str:
-        """sha256 of the image list (ids, labels, splits; pixel data for in-memory datasets)."""
-        h = hashlib.sha256()
-        for i, y, s in zip(self.ids, self.labels.tolist(), self.splits):
-            h.update(f"{i}\t{y}\t{s}\n".encode())
-        h.update("\n".join(self.class_names).encode())
-        if self.arrays is not None:
-            h.update(np.ascontiguousarray(self.arrays).tobytes())
-        return h.hexdigest()
-
-    def subset(self, indices) -> "ImageSource":
-        """A new source holding only ``indices`` (kept in the given order)."""
-        idx = np.asarray(indices, dtype=np.int64)
-        return ImageSource(
-            name=self.name,
-            ids=[self.ids[i] for i in idx],
-            labels=self.labels[idx],
-            splits=[self.splits[i] for i in idx],
-            class_names=list(self.class_names),
-            root=self.root,
-            arrays=None if self.arrays is None else self.arrays[idx],
-        )
-
-
-def resolve_source(spec: str | os.PathLike) -> ImageSource:
-    """Turn a command-line SOURCE into an :class:`ImageSource`.
-
-    Accepts a folder (``<class>/<image>`` or ``<split>/<class>/<image>``), a CSV manifest with
-    columns ``path,label[,split]``, ``fashion-mnist[:DIR]`` or ``digits``.
-    """
-    text = str(spec)
-    if text == "digits":
-        return _digits()
-    if text == "fashion-mnist" or text.startswith("fashion-mnist:"):
-        return _fashion_mnist(text.partition(":")[2] or FASHION_MNIST_DIR)
-    path = Path(text)
-    if not path.exists():
-        raise FeatxError(f"source '{text}' does not exist (expected a folder, a .csv manifest, 'digits' or 'fashion-mnist[:DIR]')")
-    if path.is_dir():
-        return _folder(path)
-    if path.suffix.lower() == ".csv":
-        return _manifest(path)
-    raise FeatxError(f"source '{text}' is a file but not a .csv manifest; pass an image folder or a CSV with columns path,label[,split]")
-
-
-def images_source(items) -> ImageSource:
-    """An unlabeled source over image paths, or over in-memory PIL images or uint8 arrays (any sizes)."""
-    items = list(items)
-    n = len(items)
-    if all(isinstance(x, (str, os.PathLike)) for x in items):
-        return ImageSource(name="images", ids=[str(x) for x in items], labels=np.full(n, UNLABELED, dtype=np.int64),
-                           splits=["train"] * n, class_names=[], root=Path("."))
-    arrays = np.empty(n, dtype=object)
-    for i, x in enumerate(items):
-        if not isinstance(x, (Image.Image, np.ndarray)):
-            raise FeatxError(f"item {i} is a {type(x).__name__}; pass image paths, PIL images or uint8 arrays")
-        arrays[i] = np.asarray(x.convert("RGB") if isinstance(x, Image.Image) else x, dtype=np.uint8)
-    return ImageSource(name="images", ids=[f"images/{i}" for i in range(n)], labels=np.full(n, UNLABELED, dtype=np.int64),
-                       splits=["train"] * n, class_names=[], arrays=arrays)
 
 
 def _is_image(p: Path) -> bool:
@@ -133,7 +32,7 @@ def _subdirs(p: Path) -> list[Path]:
     return sorted(d for d in p.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _folder(root: Path) -> ImageSource:
+def folder_source(root: Path) -> ImageSource:
     """``<class>/<image>``, split-first ``<split>/<class>/<image>``, or a flat folder of unlabeled images."""
     top = _subdirs(root)
     loose = sorted((f for f in root.iterdir() if _is_image(f)), key=lambda f: f.name)
@@ -193,7 +92,7 @@ def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict]]:
         raise FeatxError(f"cannot read CSV manifest '{csv_path}': {e}") from None
 
 
-def _manifest(csv_path: Path) -> ImageSource:
+def manifest_source(csv_path: Path) -> ImageSource:
     """A CSV with columns ``path[,label][,split]``: paths relative to the CSV's folder (or absolute)."""
     fields, raw = _read_manifest(csv_path)
     if "path" not in fields:
@@ -210,13 +109,12 @@ def _manifest(csv_path: Path) -> ImageSource:
                         (no_path, "have an empty path and are skipped")):
         if count:
             _logger.warning("%d rows of '%s' %s", count, csv_path, what)
-    labelled = "label" in fields
-    if labelled and (unlabeled := sum(1 for r in rows if not r["label"])):
+    if "label" in fields and (unlabeled := sum(1 for r in rows if not r["label"])):
         _logger.warning("%d rows of '%s' have no label and are kept as unlabeled", unlabeled, csv_path)
     _check_relative_paths(csv_path, [r["path"] for r in rows])
     splits = [r.get("split") or "train" for r in rows]
     _warn_odd_split_names(csv_path, splits)
-    names = sorted({r["label"] for r in rows if r.get("label")}, key=_natural_key)
+    names = sorted({r["label"] for r in rows if r.get("label")}, key=natural_key)
     index = {c: k for k, c in enumerate(names)}
     return ImageSource(
         name=str(csv_path),
@@ -251,11 +149,11 @@ def _warn_odd_split_names(csv_path: Path, splits: list[str]) -> None:
                             splits.count(name), close[0])
 
 
-def _natural_key(s: str):
+def natural_key(s: str):
     return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
 
 
-def _digits() -> ImageSource:
+def digits_source() -> ImageSource:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -282,7 +180,7 @@ def _read_idx(path: Path) -> np.ndarray:
     return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
-def _fashion_mnist(directory: str) -> ImageSource:
+def fashion_mnist_source(directory: str) -> ImageSource:
     root = Path(directory)
 
     def find(stem: str) -> Path:
