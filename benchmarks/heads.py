@@ -11,6 +11,7 @@ benchmarks/heads.png (accuracy against fit time).
     python benchmarks/heads.py                  # full sets (GPU machine recommended)
     python benchmarks/heads.py --section sweeps # featx's logreg / ridge / kNN sweeps against scikit-learn's (full CIFAR-10)
     python benchmarks/heads.py --section large_store  # fit-head on a store 4x larger than its memory cap: peak RSS
+    python benchmarks/heads.py --section layers # last layer vs block taps vs flip averaging (full CIFAR-10, Fashion-MNIST)
 """
 
 from __future__ import annotations
@@ -137,9 +138,10 @@ def main() -> None:
     p.add_argument("--sweep-rows", type=int, help="sweeps: use this many training rows (default: all)")
     p.add_argument("--store-gb", type=float, default=2.0, help="large_store: size of the synthetic store")
     p.add_argument("--cap-gb", type=float, default=0.5, help="large_store: --max-memory given to fit-head")
+    p.add_argument("--taps", default="last,b-1,b-2,b-3,b-4,b-5,b-6,b-7", help="layers: the taps extracted (variants are slices)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="heads: %(message)s")
-    if args.section in ("sweeps", "large_store"):
+    if args.section in ("sweeps", "large_store", "layers"):
         from _sections import run_section
 
         md = run_section(args)
