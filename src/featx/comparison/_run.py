@@ -134,6 +134,7 @@ class _Steps:
             self.bar.update()
 
     def extract_all(self, src: ImageSource) -> list[str]:
+        """Every backbone into the store, one pass each, so each row's images/s is its own backbone's."""
         c = self.config
         for b in self.backbones:
             result = extract(src, ExtractConfig(model=b.model, pretrained=b.pretrained, weights=b.weights, img_size=c.img_size,
