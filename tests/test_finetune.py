@@ -110,9 +110,9 @@ def test_freeze_all_trains_only_the_classifier_and_keeps_batchnorm_statistics(da
 
 # -- training ----------------------------------------------------------------------------------
 def test_loss_falls(data, tmp_path):
-    config = FinetuneConfig(model="test_vit", epochs=4, augment=False, lr=3e-3, layer_decay=None, label_smoothing=0.0, **FAST)
+    config = FinetuneConfig(model="test_vit", epochs=4, augment="none", lr=3e-3, probe=False, **FAST)
     result = finetune(str(data), config, tmp_path / "run")
-    losses = [h["train_loss"] for h in result.history]
+    losses = [h["train_loss"] for h in result.history[1:]]  # epoch 0 is the start, scored but not trained
     assert losses[-1] < 0.6 * losses[0], losses
     assert result.metrics["accuracy"] > 0.5
 
@@ -123,10 +123,10 @@ def _interrupt_at_epoch(monkeypatch, epoch: int, after: bool = False):
 
     original = Trainer.train_epoch
 
-    def interrupted(self, loader, e, skipped):
+    def interrupted(self, loader, e, skipped, epochs=None):
         if e == epoch and not after:
             raise KeyboardInterrupt
-        stats = original(self, loader, e, skipped)
+        stats = original(self, loader, e, skipped, epochs)
         if e == epoch:
             raise KeyboardInterrupt
         return stats
@@ -147,8 +147,8 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(data, tmp_pa
     resumed = finetune(str(data), FinetuneConfig(**{**config.__dict__, "resume": True}), tmp_path / "cut")
     assert resumed.finished and resumed.resumed_from == 2
 
-    assert [h["train_loss"] for h in resumed.history] == [h["train_loss"] for h in full.history]
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "eval_loss", "best_epoch"):
+    assert [h.get("train_loss") for h in resumed.history] == [h.get("train_loss") for h in full.history]
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "test_loss", "best_epoch"):
         assert resumed.metrics[key] == full.metrics[key], key
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["model"]
@@ -161,8 +161,8 @@ def test_broken_images_are_skipped_and_counted(tmp_path):
     (root / "class2" / "empty.png").write_bytes(b"")
     result = finetune(str(root), FinetuneConfig(model="test_resnet", epochs=1, freeze="all", **FAST), tmp_path / "run")
     assert result.metrics["n_skipped"] == 2
-    assert result.metrics["n_train"] + result.metrics["n_test"] == 15
-    assert "held-out" in result.metrics["eval_split"]
+    assert result.metrics["n_train"] + result.metrics["n_val"] + result.metrics["n_test"] == 15
+    assert result.metrics["eval_split"] == "holdout" and "held-out" in result.metrics["eval_split_description"]
 
 
 # -- outputs -----------------------------------------------------------------------------------
@@ -171,11 +171,13 @@ def test_metrics_json_has_the_heads_schema(run):
     printed = json.loads(stdout.strip().splitlines()[-1])
     assert set(HEADS_SCHEMA) <= set(printed)
     assert printed["head"] == "finetune:none" and printed["model"] == "test_efficientnet"
-    assert printed["n_train"] == 18 and printed["n_test"] == 9 and printed["epochs"] == 2
+    assert printed["n_train"] + printed["n_val"] == 18 and printed["n_val"] == 3 and printed["n_test"] == 9 and printed["epochs"] == 2
     assert 0 <= printed["accuracy"] <= 1 and printed["fit_seconds"] > 0 and printed["wall_seconds"] >= printed["fit_seconds"]
     saved = json.loads((out / "metrics.json").read_text())
     assert {k: saved[k] for k in HEADS_SCHEMA} == {k: printed[k] for k in HEADS_SCHEMA}
-    assert [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert [h["epoch"] for h in saved["history"]] == [0, 1, 2]
+    assert printed["baseline"]["start"] == "probe" and printed["gain_points"] == pytest.approx(
+        100 * (printed["accuracy"] - printed["baseline"]["accuracy"]))
 
 
 def _eval_batch(data, model_name: str):
@@ -190,7 +192,7 @@ def test_export_loads_back_with_timm_and_predicts_the_same(run, data):
     out, _ = run
     x, y = _eval_batch(data, "test_efficientnet")
     trained = timm.create_model("test_efficientnet", num_classes=3)
-    trained.load_state_dict(torch.load(out / "last.pt", weights_only=True)["model"])
+    trained.load_state_dict(torch.load(out / "best.pt", weights_only=True)["model"])  # --export best, the default
     from safetensors.torch import load_file
 
     by_name = timm.create_model("test_efficientnet", num_classes=3)
@@ -208,7 +210,7 @@ def test_export_loads_back_with_timm_and_predicts_the_same(run, data):
 def test_extract_reads_the_finetuned_checkpoint(run, data, tmp_path, capsys):
     out, _ = run
     args = ["extract", str(data), "--model", "test_efficientnet", "--img-size", "32", "--no-progress", "--workers", "0"]
-    assert main(args + ["--weights", str(out / "best.pt"), "--out", str(tmp_path / "ft.h5")]) == 0
+    assert main(args + ["--weights", str(out / "last.pt"), "--out", str(tmp_path / "ft.h5")]) == 0
     assert main(args + ["--out", str(tmp_path / "random.h5")]) == 0
     import h5py
 
@@ -367,6 +369,70 @@ def test_ctrl_c_then_resume_ends_where_the_uninterrupted_run_ends(run, data, tmp
     assert main(args) == 2 and "--resume" in capsys.readouterr().err
     assert main(args + ["--resume"]) == 0
     got, want = (json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "run", reference))
-    for key in ("accuracy", "balanced_accuracy", "macro_f1", "eval_loss"):
+    for key in ("accuracy", "balanced_accuracy", "macro_f1", "test_loss"):
         assert got[key] == want[key], key
-    assert [h["train_loss"] for h in got["history"]] == [h["train_loss"] for h in want["history"]]
+    assert [h.get("train_loss") for h in got["history"]] == [h.get("train_loss") for h in want["history"]]
+
+
+# -- honest selection, budgets, BatchNorm ------------------------------------------------------
+def _csv_source(root, path, poison: bool = False):
+    """A CSV manifest of ``root``'s images; with ``poison``, every test label is replaced by another class."""
+    import csv
+
+    src = resolve_source(root)
+    names = src.class_names
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "label", "split"])
+        for i, split in enumerate(src.splits):
+            label = int(src.labels[i])
+            if poison and split == "test":
+                label = (label + 1) % len(names)
+            w.writerow([str(root / src.ids[i]), names[label], split])
+    return path
+
+
+def test_the_epoch_is_chosen_without_reading_the_test_labels(data, tmp_path):
+    """Poisoned test labels change the test score and nothing else: the probe, the validation curve, the chosen epoch."""
+    config = FinetuneConfig(model="test_efficientnet", epochs=3, lr=3e-3, **FAST)
+    clean = finetune(_csv_source(data, tmp_path / "clean.csv"), config, tmp_path / "clean")
+    poisoned = finetune(_csv_source(data, tmp_path / "poisoned.csv", poison=True), config, tmp_path / "poisoned")
+    curve = [(h["epoch"], h["val_accuracy"], h.get("train_loss")) for h in clean.history]
+    assert curve == [(h["epoch"], h["val_accuracy"], h.get("train_loss")) for h in poisoned.history]
+    assert clean.metrics["best_epoch"] == poisoned.metrics["best_epoch"]
+    assert clean.metrics["baseline"]["params"] == poisoned.metrics["baseline"]["params"]
+    assert clean.metrics["accuracy"] != poisoned.metrics["accuracy"]  # the test labels were read, once, to score
+    a, b = (torch.load(d / "best.pt", weights_only=True)["model"] for d in (tmp_path / "clean", tmp_path / "poisoned"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_test_curve_is_information_that_changes_nothing(data, tmp_path):
+    config = FinetuneConfig(model="test_efficientnet", epochs=2, lr=3e-3, **FAST)
+    plain = finetune(str(data), config, tmp_path / "plain")
+    curve = finetune(str(data), FinetuneConfig(**{**config.__dict__, "test_curve": True}), tmp_path / "curve")
+    assert [h.get("train_loss") for h in plain.history] == [h.get("train_loss") for h in curve.history]
+    assert all("test_accuracy_info_only" in h for h in curve.history[1:])
+    assert not any("test_accuracy_info_only" in h for h in plain.history)
+
+
+def test_max_minutes_stops_after_the_epoch_that_crosses_it_and_fits_the_schedule(data, tmp_path, capsys):
+    args = ["finetune", str(data), "--model", "test_efficientnet", "--out", str(tmp_path / "run"), "--epochs", "5",
+            "--max-minutes", "0.0001", "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["epochs_done"] == 1 and metrics["planned_epochs"] == 1 and metrics["stopped_by"] == "max-minutes"
+    assert "stopped by --max-minutes" in out
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["scheduler"]["lr_lambdas"][0]["total"] == 1 * 2  # 15 training images / batch 8: the cosine ends at epoch 1
+    assert main(args + ["--resume"]) == 0  # a budget-stopped run is finished: --resume reports it again, trains nothing
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs_done"] == 1
+
+
+@pytest.mark.parametrize("bn, frozen", [("frozen", True), ("train", False)])
+def test_batchnorm_statistics_stay_pretrained_unless_asked(data, tmp_path, bn, frozen):
+    config = FinetuneConfig(model="test_efficientnet", epochs=1, bn=bn, **FAST)
+    finetune(str(data), config, tmp_path / "run")
+    start = {k: v for k, v in timm.create_model("test_efficientnet").state_dict().items() if "running_mean" in k}
+    trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
+    assert start and all(torch.equal(start[k], trained[k]) for k in start) == frozen

@@ -12,10 +12,12 @@ from dataclasses import dataclass, field, replace
 from .errors import FeatxError
 
 __all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "DemoConfig", "CompareConfig", "parse_freeze",
-           "FAST_HEADS", "extract_configs"]
+           "FAST_HEADS", "AUGMENTS", "extract_configs"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
 FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
+# Training augmentations of `featx finetune`, weakest first.
+AUGMENTS = ("none", "flip", "crop", "timm")
 
 
 @dataclass
@@ -146,25 +148,31 @@ class FinetuneConfig:
     img_size: int | None = None  # input resolution (default: the model's)
     freeze: str = "none"  # all | stages:N | none
     init_head: str | None = None  # HEAD_DIR of a linear head fitted by `featx fit-head` on this backbone's features
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 1e-3  # peak AdamW learning rate of the head; backbone layers get lr * layer_decay ** depth
+    probe: bool = True  # no --init-head: start the classifier from a linear probe fitted on the fly (else a random head)
+    epochs: int = 5
+    max_minutes: float | None = None  # stop at the end of the epoch that crosses this wall-clock budget (probe included)
+    batch_size: int = 32
+    lr: float = 1e-4  # peak AdamW learning rate of the backbone's last layer group
+    head_lr_scale: float = 1.0  # the classifier's lr is lr * head_lr_scale
     weight_decay: float = 0.05  # AdamW weight decay (not applied to biases, norms, tokens)
-    layer_decay: float | None = 0.8  # layer-wise lr decay (timm's grouping); None or 1: same lr everywhere
+    layer_decay: float | None = None  # layer-wise lr decay (timm's grouping); None or 1: same lr everywhere
     warmup: float = 0.1  # fraction of all optimizer steps spent warming up linearly from 0
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
-    label_smoothing: float = 0.1
+    label_smoothing: float = 0.0
     clip_grad: float | None = 1.0  # max gradient norm; 0 or None: no clipping
-    augment: bool = True  # timm's training transform (create_transform(is_training=True)); False: eval transform
+    augment: str = "flip"  # none | flip | crop (random resized crop >= 35% + flip) | timm (timm's ImageNet training transform)
+    bn: str = "frozen"  # BatchNorm running statistics: frozen (kept from pretraining) | train (re-estimated on the batches)
+    val_fraction: float = 0.1  # part of the training split held out to choose the epoch (never the test split)
+    test_curve: bool = False  # also score the test images after every epoch, as information only (never used to choose)
     train_split: str | None = None  # training split (default: train, or the only split)
     eval_split: str | None = None  # None: test/val/valid if present, else a held-out part of the training split
-    holdout: float = 0.2  # held-out fraction of the training split when the source has no evaluation split
+    holdout: float = 0.2  # held-out test fraction of the training split when the source has no test split
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda[:N]
     precision: str = "auto"  # auto (bf16/fp16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: bool = True
     workers: int | None = None  # DataLoader workers; None: 1 on CPU, up to 16 on CUDA
-    export: str = "last"  # which weights go to RUN_DIR/export: last | best | none
+    export: str = "best"  # which weights go to RUN_DIR/export: best (the epoch chosen on validation) | last | none
     resume: bool = False  # continue the run in RUN_DIR from last.pt
     overwrite: bool = False  # replace the run in RUN_DIR
     progress: bool = True
@@ -183,6 +191,20 @@ class FinetuneConfig:
             raise FeatxError(f"--warmup is a fraction of the training steps in [0, 1), got {self.warmup}")
         if not 0 <= self.label_smoothing < 1:
             raise FeatxError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if isinstance(self.augment, bool):  # 0.1.0's augment=True/False
+            self.augment = "timm" if self.augment else "none"
+        if self.augment not in AUGMENTS:
+            raise FeatxError(f"--augment must be one of {', '.join(AUGMENTS)}, got '{self.augment}'")
+        if self.bn not in ("frozen", "train"):
+            raise FeatxError(f"--bn must be frozen or train, got '{self.bn}'")
+        if not 0 < self.val_fraction < 1:
+            raise FeatxError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise FeatxError(f"--max-minutes must be positive, got {self.max_minutes}")
+        if not self.head_lr_scale > 0:
+            raise FeatxError(f"--head-lr-scale must be positive, got {self.head_lr_scale}")
+        if self.init_head and not self.probe:
+            raise FeatxError("--init-head gives the classifier its start; drop --no-probe")
         if self.export not in ("last", "best", "none"):
             raise FeatxError(f"--export must be last, best or none, got '{self.export}'")
         if not 0 < self.holdout < 1:

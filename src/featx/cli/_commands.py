@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 
-from ..configs import CompareConfig, DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
+from ..configs import AUGMENTS, CompareConfig, DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
                        non_negative_int, number, positive_int, positive_number)
 
@@ -175,9 +176,11 @@ def cmd_predict(args) -> int:
 # -- finetune ----------------------------------------------------------------------------------
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a timm backbone plus a new head end to end",
-                       description="Fine-tune a timm backbone and a new classifier on SOURCE's training split, evaluating on its "
-                                   "test/val split every epoch. RUN_DIR gets best.pt and last.pt (usable as featx extract --weights), "
-                                   "metrics.json in the fit-head schema and a timm export. Interrupted runs continue with --resume.")
+                       description="Fine-tune a timm backbone end to end on SOURCE's training split, starting from a linear probe fitted on "
+                                   "the frozen embeddings. The epoch is chosen on a validation part of the training images; the "
+                                   "test/val split is scored once, beside the frozen probe's score on the same images. RUN_DIR gets "
+                                   "best.pt and last.pt (usable as featx extract --weights), metrics.json in the fit-head schema and "
+                                   "a timm export. Interrupted runs continue with --resume.")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     add_backbone_options(p, FinetuneConfig)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints, metrics and the export")
@@ -185,20 +188,35 @@ def add_finetune(sub) -> None:
     add_option(p, c, "--freeze", metavar="all|stages:N|none",
                help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything")
     add_option(p, c, "--init-head", metavar="HEAD_DIR",
-               help="start the classifier from a linear head fitted by featx fit-head on this backbone's features")
+               help="start the classifier from a linear head fitted by featx fit-head on this backbone's features "
+                    "(default: a linear probe fitted on the fly)")
+    add_option(p, c, "--no-probe", dest="probe", action="store_false",
+               help="start from a random classifier instead of a linear probe (no frozen baseline is reported)")
     add_option(p, c, "--epochs", type=positive_int, metavar="N", help="training epochs")
-    add_option(p, c, "--lr", type=number, help="peak AdamW learning rate of the head")
+    add_option(p, c, "--max-minutes", type=number, metavar="M",
+               help="wall-clock budget: the schedule is fitted to it after the first epoch, and the run stops at the end of the "
+                    "epoch that crosses it")
+    add_option(p, c, "--lr", type=number, help="peak AdamW learning rate (the backbone's last layer group)")
+    add_option(p, c, "--head-lr-scale", type=number, metavar="X", help="the classifier trains at lr * X")
     add_option(p, c, "--weight-decay", type=number, help="AdamW weight decay (not on biases and norms)")
     add_option(p, c, "--layer-decay", type=number, help="layer-wise lr decay per timm layer group; 1 disables")
     add_option(p, c, "--warmup", type=number, help="fraction of the steps spent in linear warm-up")
     add_option(p, c, "--label-smoothing", type=number, help="label smoothing of the cross-entropy")
     add_option(p, c, "--clip-grad", type=number, help="max gradient norm; 0 disables")
-    add_option(p, c, "--no-augment", dest="augment", action="store_false",
-               help="train on the eval transform instead of timm's training augmentation")
+    add_option(p, c, "--augment", choices=list(AUGMENTS),
+               help="training augmentation: none, flip, crop (random resized crop >= 35%% + flip), timm (ImageNet recipe)")
+    p.add_argument("--no-augment", dest="augment", action="store_const", const="none", default=argparse.SUPPRESS,
+                   help="same as --augment none")
+    add_option(p, c, "--bn", choices=["frozen", "train"],
+               help="BatchNorm running statistics: frozen (pretrained) or train (re-estimated on each batch)")
+    add_option(p, c, "--val-fraction", type=fraction,
+               help="part of the training images held out to choose the epoch (the test images never choose anything)")
+    add_option(p, c, "--test-curve", action="store_true",
+               help="also score the test images after every epoch, recorded as information only")
     add_option(p, c, "--train-split", metavar="S", help="training split (default: train, or the only split)")
     add_option(p, c, "--eval-split", metavar="S",
-               help="split to evaluate on (default: test/val if labelled, else a held-out part of the training split)")
-    add_option(p, c, "--holdout", type=fraction, help="held-out fraction of the training split when there is no evaluation split")
+               help="split scored once at the end (default: test/val if labelled, else a held-out part of the training split)")
+    add_option(p, c, "--holdout", type=fraction, help="held-out test fraction of the training split when there is no test split")
     add_option(p, c, "--seed", type=non_negative_int, help="seed of the hold-out, the initialisation and the data order")
     add_runtime_options(p, c)
     add_option(p, c, "--export", choices=["last", "best", "none"], help="weights written to RUN_DIR/export")

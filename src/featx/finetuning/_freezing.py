@@ -15,6 +15,7 @@ augmentation.
 from __future__ import annotations
 
 import torch
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..configs import parse_freeze
 from ..errors import FeatxError
@@ -72,10 +73,15 @@ def apply_freeze(model: torch.nn.Module, spec: str) -> list[str]:
     return [name for name, _ in model.named_parameters() if name in trainable]
 
 
-def train_mode(model: torch.nn.Module) -> None:
-    """Train mode, except modules whose parameters are all frozen (BatchNorm stats, drop-path stay put)."""
+def train_mode(model: torch.nn.Module, *, frozen_bn_stats: bool = False) -> None:
+    """Train mode, except modules whose parameters are all frozen (BatchNorm stats, drop-path stay put) and, with
+    ``frozen_bn_stats``, every BatchNorm layer: normalised by its pretrained running statistics, its scale and shift still trained.
+
+    Small batches of a domain far from ImageNet move re-estimated statistics, and with them every feature a linear probe
+    was fitted on (CIFAR-10 at 128 px, Lite0, probe start: 72.7% -> 67.0% with statistics re-estimated, -> 81.6% frozen).
+    """
     model.train()
     for module in model.modules():
         params = list(module.parameters())
-        if params and not any(p.requires_grad for p in params):
+        if (params and not any(p.requires_grad for p in params)) or (frozen_bn_stats and isinstance(module, _BatchNorm)):
             module.eval()

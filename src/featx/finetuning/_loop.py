@@ -52,15 +52,15 @@ class Trainer:
         self.scheduler.step()
         return loss.detach(), logits.detach()
 
-    def train_epoch(self, loader, epoch: int, skipped: dict) -> dict:
+    def train_epoch(self, loader, epoch: int, skipped: dict, epochs: int | None = None) -> dict:
         """One pass over ``loader``; unreadable images are added to ``skipped``. Returns loss, accuracy, images/s."""
-        train_mode(self.model)
+        train_mode(self.model, frozen_bn_stats=self.config.bn == "frozen")
         params = [p for p in self.model.parameters() if p.requires_grad]
         # running sums stay on the device; reading them (progress bar, loss check) syncs every _SYNC_EVERY steps only
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         seen, t0 = 0, time.perf_counter()
-        with tqdm(total=len(loader), desc=f"epoch {epoch}/{self.config.epochs}", unit="batch", disable=not self.config.progress,
+        with tqdm(total=len(loader), desc=f"epoch {epoch}/{epochs or self.config.epochs}", unit="batch", disable=not self.config.progress,
                   leave=False) as bar:
             for step, (x, y, _, bad) in enumerate(loader, 1):
                 skipped.update({str(i): r for i, r in bad})
@@ -84,6 +84,23 @@ class Trainer:
         seconds = time.perf_counter() - t0
         return {"train_loss": float(loss_sum) / max(1, seen), "train_accuracy": int(correct) / max(1, seen), "train_images": seen,
                 "images_per_s": seen / max(1e-9, seconds)}
+
+    @torch.inference_mode()
+    def embed(self, loader, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(pre-logit features [n, D], labels [n]) of the model in eval mode on ``loader``: the frozen backbone's embeddings."""
+        self.model.eval()
+        feats, labels = [], []
+        for x, y, _, bad in loader:
+            skipped.update({str(i): r for i, r in bad})
+            if x is None:
+                continue
+            with autocast_context(self.device, self.precision):
+                z = self.model.forward_head(self.model.forward_features(self._to_device(x)), pre_logits=True)
+            feats.append(z.float().cpu().numpy())
+            labels.append(y.numpy())
+        if not feats:
+            raise FeatxError("every training image was unreadable")
+        return np.concatenate(feats), np.concatenate(labels)
 
     @torch.inference_mode()
     def evaluate(self, loader, n_classes: int, skipped: dict) -> dict:

@@ -5,7 +5,7 @@
 * ``last.pt``       model, optimizer, scheduler, grad scaler, epoch, RNG states after the last
                     finished epoch: ``resume`` continues from it and ends where an
                     uninterrupted run would (same batches, same augmentations, same updates);
-* ``best.pt``       the model of the chosen epoch;
+* ``best.pt``       the model of the epoch chosen on validation (epoch 0: the linear probe);
 * ``metrics.json``  final metrics (``featx fit-head --json`` schema) and per-epoch history;
 * ``export/``       ``config.json`` + ``model.safetensors`` (timm's own format): load with
                     ``timm.create_model('local-dir:RUN_DIR/export', pretrained=True)``.
@@ -37,7 +37,7 @@ _logger = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 _RUN_FILES = (RUN_FILE, "last.pt", "best.pt", "metrics.json")
 # Settings that may differ between an interrupted run and its resumption without changing results.
-_NOT_IDENTITY = ("device", "workers", "progress", "resume", "overwrite")
+_NOT_IDENTITY = ("device", "workers", "progress", "resume", "overwrite", "max_minutes", "test_curve", "export")
 
 
 def run_identity(config: FinetuneConfig) -> dict:
