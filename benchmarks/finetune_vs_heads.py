@@ -3,24 +3,23 @@
 For each data set (CIFAR-10 from ../shared/data, Fashion-MNIST from the Debian package) this
 runs, on the same images and resolution:
 
-1. frozen head: ``featx extract`` features + ``featx fit-head --head logreg`` (standardise + logistic regression);
-   the best head of ``benchmarks/heads.py`` is shown too when its cached results match;
-2. head-only training (``--freeze all``);
-3. last-stages fine-tune (``--freeze stages:2``);
-4. full fine-tune (``--freeze none``);
-5. linear probe, then fine-tune (``--init-head`` from row 1's head, ``--freeze none``).
+1. frozen head: ``featx extract`` features + ``featx fit-head --head logreg --sweep`` (C chosen on a validation part);
+2. ``featx finetune`` with its default recipe (a linear probe fitted on the fly, BatchNorm statistics frozen, flips,
+   AdamW 1e-4, the epoch chosen on a validation part of the training images): only --model, --weights, --img-size;
+3. (quick mode) the same recipe on the last two stages only (``--freeze stages:2``) and on the classifier only;
 
-and writes one table to RESULTS.md: accuracy, wall time, and accuracy points gained over the
-frozen head per device-minute. ``--quick`` runs a small subset at a small resolution for three
-epochs, so the whole script fits in a few minutes on a 2-core CPU; the full run (all images,
-224 px, 5 epochs, bf16) needs a GPU.
+and writes one table to RESULTS.md: accuracy on the same test images, wall time, and accuracy points gained over
+the frozen head per CPU- (or GPU-) minute. Default mode: 500 training and 100 test images per class at 128 px
+(about 20 minutes per data set on a 2-core CPU). ``--quick``: 100 / 30 per class at 64 px, 2 epochs, a few minutes.
+``--experiments``: the recipe search (one change at a time from the default, on 200 / 100 CIFAR-10 images per
+class) that chose the defaults, written to its own section.
 
-    python benchmarks/finetune_vs_heads.py --quick
-    python benchmarks/finetune_vs_heads.py            # on a GPU machine, or one data set per call:
-    python benchmarks/finetune_vs_heads.py --datasets cifar10 && python benchmarks/finetune_vs_heads.py --datasets fashion-mnist
+    python benchmarks/finetune_vs_heads.py                       # default mode, both data sets
+    python benchmarks/finetune_vs_heads.py --experiments         # the recipe table
+    python benchmarks/finetune_vs_heads.py --full                # GPU: all images at 224 px
 
-Rows are kept per data set (benchmarks/_cache/finetune_vs_heads/rows-*.json), so the table after
-the second call holds both data sets.
+Rows are kept per data set (benchmarks/_cache/finetune_vs_heads/rows-*.json), so a table written after a second
+call (one data set each) holds both data sets.
 """
 
 from __future__ import annotations
@@ -29,6 +28,7 @@ import argparse
 import json
 import logging
 import platform
+import re
 import sys
 import time
 from pathlib import Path
@@ -46,7 +46,6 @@ from featx.sources import ImageSource, resolve_source  # noqa: E402
 
 MODEL = "tf_efficientnet_lite0"
 WORK = CACHE / "finetune_vs_heads"
-HEADS_RESULTS = CACHE / "heads" / "results.json"  # written by benchmarks/heads.py, when it has run
 ANCHOR = ("Anchor (the Keras recipe this project started from): a frozen VGG16 with a dense head reaches 78.5% on CIFAR-10, "
           "80.5% after unfreezing its last layers.")
 
@@ -64,7 +63,7 @@ def subset(src: ImageSource, per_class: dict[str, int | None], seed: int = 0) ->
 
 
 def frozen_head(src: ImageSource, name: str, args, device: str) -> tuple[dict, Path, float]:
-    """``featx extract`` + ``featx fit-head --head logreg``; returns (metrics, head dir, seconds incl. extraction)."""
+    """``featx extract`` + ``featx fit-head --head logreg --sweep``; returns (metrics, head dir, seconds incl. extraction)."""
     t0 = time.perf_counter()
     store = WORK / f"{name}-{args.img_size}.h5"
     store.unlink(missing_ok=True)  # timed from scratch, like the fine-tune runs
@@ -72,30 +71,11 @@ def frozen_head(src: ImageSource, name: str, args, device: str) -> tuple[dict, P
                                batch_size=args.batch_size * 2, workers=args.workers, progress=not args.no_progress), store)
     t_extract = time.perf_counter() - t0
     head_dir = WORK / f"{name}-{args.img_size}-logreg"
-    fitted = fit_head(store, FitHeadConfig(head="logreg", model=MODEL, device=device, seed=args.seed, overwrite=True), head_dir)
+    fitted = fit_head(store, FitHeadConfig(head="logreg", sweep=True, model=MODEL, device=device, seed=args.seed, overwrite=True,
+                                           progress=False), head_dir)
     seconds = time.perf_counter() - t0
-    metrics = {**fitted.to_dict(), "extract_seconds": t_extract, "wall_seconds": seconds, "head": "logreg (frozen)"}
+    metrics = {**fitted.to_dict(), "extract_seconds": t_extract, "wall_seconds": seconds, "head": "logreg (frozen, swept)"}
     return metrics, head_dir, seconds
-
-
-def heads_benchmark_best(dataset: str, img_size: int, n_train: int, n_test: int) -> dict | None:
-    """Best head of benchmarks/heads.py on the same images and resolution, if it cached its rows.
-
-    Reads ``HEADS_RESULTS``: a list of rows (or ``{"rows": [...], "img_size": N}``) with at least
-    dataset, head, accuracy; rows of other data sets, sizes, resolutions or raw-pixel features are ignored.
-    """
-    if not HEADS_RESULTS.is_file():
-        return None
-    try:
-        doc = json.loads(HEADS_RESULTS.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    rows = doc.get("rows", []) if isinstance(doc, dict) else doc
-    size = doc.get("img_size") if isinstance(doc, dict) else None
-    rows = [r for r in rows if isinstance(r, dict) and "accuracy" in r and r.get("dataset") == dataset
-            and r.get("features", "lite0") == "lite0" and r.get("img_size", size) == img_size
-            and r.get("n_train") == n_train and r.get("n_test") == n_test]
-    return max(rows, key=lambda r: r["accuracy"]) if rows else None
 
 
 def warm_up(device: str, img_size: int) -> None:
@@ -116,36 +96,38 @@ def warm_up(device: str, img_size: int) -> None:
         torch.cuda.synchronize(dev)
 
 
+def _finetune_row(src: ImageSource, name: str, label: str, config: FinetuneConfig) -> dict:
+    out = WORK / "runs" / f"{name}-{re.sub('[^a-z0-9]+', '-', label.lower())[:60]}"
+    m = dict(finetune(src, config, out).metrics)
+    logging.info("%s / %s: accuracy %.4f (frozen start %s) in %.1f s", name, label, m["accuracy"],
+                 f"{m['baseline']['accuracy']:.4f}" if m.get("baseline") else "-", m["wall_seconds"])
+    return {"method": label, **m}
+
+
+def variants(args) -> list[tuple[str, dict]]:
+    """(label, FinetuneConfig overrides): only what the mode needs beyond model, weights and resolution."""
+    budget = {} if args.epochs is None else {"epochs": args.epochs}
+    rows = [("default recipe (featx finetune)", dict(budget))]
+    if args.mode == "quick":
+        rows += [("default recipe, last 2 stages (--freeze stages:2)", dict(budget, freeze="stages:2")),
+                 ("default recipe, classifier only (--freeze all)", dict(budget, freeze="all"))]
+    return rows
+
+
 def run_dataset(name: str, src: ImageSource, args, device: str) -> list[dict]:
     logging.info("%s: %d images (%s)", name, len(src), ", ".join(f"{s} {src.splits.count(s)}" for s in src.split_names))
     rows = []
     frozen, head_dir, frozen_seconds = frozen_head(src, name, args, device)
-    rows.append({"method": "frozen features + logreg", **frozen})
-    cached = heads_benchmark_best(name, args.img_size, frozen["n_train"], frozen["n_test"])
-    if cached:
-        rows.append({"method": f"best frozen head of heads.py ({cached.get('head')})", **cached, "from_cache": True})
-    common = dict(model=MODEL, weights=lite0_weights(), img_size=args.img_size, epochs=args.epochs, batch_size=args.batch_size,
-                  lr=args.lr, device=device, workers=args.workers, progress=not args.no_progress, export="none",
-                  overwrite=True, seed=args.seed)
-    variants = [
-        ("head only (--freeze all)", dict(freeze="all", lr=args.head_lr)),
-        ("last 2 stages (--freeze stages:2)", dict(freeze="stages:2")),
-        ("full fine-tune (--freeze none)", dict(freeze="none")),
-        ("linear probe, then fine-tune (--init-head)", dict(freeze="none", init_head=str(head_dir))),
-    ]
-    for label, overrides in variants:
-        out = WORK / "runs" / f"{name}-{overrides['freeze'].replace(':', '')}{'-lpft' if 'init_head' in overrides else ''}"
-        result = finetune(src, FinetuneConfig(**{**common, **overrides}), out)
-        m = dict(result.metrics)
-        if "init_head" in overrides:  # the linear probe is part of this method's cost
-            m["wall_seconds"] += frozen_seconds
-        rows.append({"method": label, **m})
-        logging.info("%s / %s: accuracy %.4f in %.1f s", name, label, m["accuracy"], m["wall_seconds"])
+    rows.append({"method": "frozen features + swept logreg", **frozen})
+    common = dict(model=MODEL, weights=lite0_weights(), img_size=args.img_size, device=device, workers=args.workers,
+                  progress=not args.no_progress, export="none", overwrite=True, seed=args.seed)
+    for label, overrides in variants(args):
+        rows.append(_finetune_row(src, name, label, FinetuneConfig(**{**common, **overrides})))
     base, base_seconds = frozen["accuracy"], frozen["wall_seconds"]
     for r in rows:
         r["dataset"] = name
         r["gain_points"] = 100 * (r["accuracy"] - base)
-        timed = r.get("wall_seconds") and r is not rows[0] and not r.get("from_cache")
+        timed = r.get("wall_seconds") and r is not rows[0]
         r["points_per_minute"] = r["gain_points"] / (r["wall_seconds"] / 60) if timed else None
         r["time_ratio"] = r["wall_seconds"] / base_seconds if timed else None
     return rows
@@ -153,47 +135,97 @@ def run_dataset(name: str, src: ImageSource, args, device: str) -> list[dict]:
 
 def markdown(runs: dict, unit: str) -> str:
     """One table over every data set in ``runs`` ({dataset: {'rows', 'command', 'setup', 'seconds'}})."""
-    lines = [
-        "## Fine-tuning vs frozen heads (`benchmarks/finetune_vs_heads.py`, EfficientNet-Lite0, real ImageNet weights)",
-        "",
-    ]
+    lines = ["## Fine-tuning vs frozen heads (`benchmarks/finetune_vs_heads.py`, EfficientNet-Lite0, real ImageNet weights)", ""]
     for name, run in runs.items():
         lines.append(f"- {name}: `{run['command']}` ({run['seconds'] / 60:.1f} min): {run['setup']}")
     lines += [
         "",
-        f"Gain = accuracy points over the frozen logreg head on the same images. Time = wall time of the method "
-        f"(frozen head: extraction + fit; linear probe then fine-tune: the probe's time included), also as a multiple of the "
-        f"frozen head's. Per {unit}-minute = gain / wall minutes.",
+        "Gain = accuracy points over the frozen swept logreg head on the same test images (scored once). Time = wall time of "
+        "the method (frozen head: extraction + sweep + refit; fine-tune: its own linear probe, every epoch and the final "
+        f"scoring), also as a multiple of the frozen head's. Per {unit}-minute = gain / wall minutes. Frozen start = the "
+        "fine-tune's own linear probe (fitted on 90% of the training images) on the same test images; chosen epoch = the "
+        "one with the best accuracy on the other 10% (0 would be the probe itself).",
         "",
-        f"| data set | method | train / test | accuracy | wall time | x frozen time | gain (points) | points per {unit}-minute |",
-        "|---|---|---|---:|---:|---:|---:|---:|",
+        f"| data set | method | train / val / test | accuracy | frozen start | chosen epoch | wall time | x frozen time | "
+        f"gain (points) | points per {unit}-minute |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, run in runs.items():
         for r in run["rows"]:
             frozen = r["method"].startswith("frozen features")
             ppm = "baseline" if frozen else ("-" if r.get("points_per_minute") is None else f"{r['points_per_minute']:+.2f}")
-            wall = f"{r['wall_seconds']:.0f} s" if r.get("wall_seconds") and not r.get("from_cache") else "(heads.py)"
             ratio = "1.0" if frozen else ("-" if r.get("time_ratio") is None else f"{r['time_ratio']:.1f}")
-            lines.append(f"| {name} | {r['method']} | {r.get('n_train', '?')} / {r.get('n_test', '?')} | {100 * r['accuracy']:.2f}% | "
-                         f"{wall} | {ratio} | {r['gain_points']:+.2f} | {ppm} |")
+            start = f"{100 * r['baseline']['accuracy']:.2f}%" if r.get("baseline") else "-"
+            epoch = "-" if frozen else f"{r['best_epoch']} of {r['epochs_done']}"
+            sizes = f"{r.get('n_train', '?')} / {r.get('n_val', '-')} / {r.get('n_test', '?')}"
+            lines.append(f"| {name} | {r['method']} | {sizes} | {100 * r['accuracy']:.2f}% | {start} | {epoch} | "
+                         f"{r['wall_seconds']:.0f} s | {ratio} | {r['gain_points']:+.2f} | {ppm} |")
     lines += ["", ANCHOR]
-    if any(run["quick"] for run in runs.values()):
+    if any(run["mode"] == "quick" for run in runs.values()):
         lines.append("Quick mode trains on a small subset at low resolution for a few epochs: its numbers show that every method runs "
                      "and what each costs, not the accuracy a full run reaches.")
     return "\n".join(lines)
 
 
+EXPERIMENTS = [  # (label, overrides of the default recipe): one change at a time
+    ("default: probe start, BatchNorm statistics frozen, flips, AdamW 1e-4, no layer decay, no label smoothing", {}),
+    ("BatchNorm statistics re-estimated (--bn train)", dict(bn="train")),
+    ("random classifier start (--no-probe)", dict(probe=False)),
+    ("featx 0.1.0 recipe: random start, lr 1e-3, layer decay 0.8, label smoothing 0.1, timm augmentation, BN re-estimated",
+     dict(probe=False, lr=1e-3, layer_decay=0.8, label_smoothing=0.1, augment="timm", bn="train")),
+    ("lr 3e-4", dict(lr=3e-4)),
+    ("lr 3e-5", dict(lr=3e-5)),
+    ("classifier at 10x the lr (--head-lr-scale 10)", dict(head_lr_scale=10.0)),
+    ("layer decay 0.8", dict(layer_decay=0.8)),
+    ("random resized crops >= 35% + flips (--augment crop)", dict(augment="crop")),
+    ("timm's ImageNet augmentation (--augment timm)", dict(augment="timm")),
+    ("no augmentation (--augment none)", dict(augment="none")),
+]
+
+
+def experiments(args, device: str) -> str:
+    """The recipe search: every variant of EXPERIMENTS on the same CIFAR-10 subset, epochs and resolution, one run."""
+    src = subset(resolve_source(cifar10_dir(args.cifar_tar)), {"train": args.train_per_class, "test": args.test_per_class}, args.seed)
+    common = dict(model=MODEL, weights=lite0_weights(), img_size=args.img_size, epochs=args.epochs, device=device, workers=args.workers,
+                  progress=not args.no_progress, export="none", overwrite=True, seed=args.seed)
+    t0 = time.perf_counter()
+    rows = [_finetune_row(src, "cifar10-experiment", label, FinetuneConfig(**{**common, **o})) for label, o in EXPERIMENTS]
+    lines = ["## Fine-tuning recipe search (`benchmarks/finetune_vs_heads.py --experiments`)", "",
+             f"Command: `{command_line()}` ({(time.perf_counter() - t0) / 60:.1f} min, {device}, {torch.get_num_threads()} threads). "
+             f"CIFAR-10, {args.train_per_class} training and {args.test_per_class} test images per class, EfficientNet-Lite0 "
+             f"(real ImageNet weights) at {args.img_size} px, {args.epochs} epochs, batch 32, one change at a time from the default. "
+             "Frozen start = the run's own linear probe on the same test images; chosen epoch on the validation part "
+             "(10% of the training images); test accuracy of the chosen model, scored once.", "",
+             "| variant | frozen start | chosen epoch | test accuracy | gain over its start (points) | wall time |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        start = f"{100 * r['baseline']['accuracy']:.2f}%" if r.get("baseline") else "-"
+        gain = f"{r['gain_points']:+.2f}" if r.get("gain_points") is not None else "-"
+        lines.append(f"| {r['method']} | {start} | {r['best_epoch']} of {r['epochs_done']} | {100 * r['accuracy']:.2f}% | {gain} | "
+                     f"{r['wall_seconds']:.0f} s |")
+    return "\n".join(lines)
+
+
+MODES = {  # train / test images per class, px, epochs (None: featx finetune's default), batch of the frozen extraction
+    "quick": dict(train_per_class=100, test_per_class=30, img_size=64, epochs=2, batch_size=32),
+    "default": dict(train_per_class=500, test_per_class=100, img_size=112, epochs=None, batch_size=32),
+    "experiments": dict(train_per_class=200, test_per_class=100, img_size=96, epochs=2, batch_size=32),
+    "full": dict(train_per_class=None, test_per_class=None, img_size=224, epochs=None, batch_size=128),
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="small subset, small images, 3 epochs (a few minutes on a 2-core CPU)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_const", dest="mode", const="quick", help="small subset, 64 px, 2 epochs")
+    mode.add_argument("--experiments", action="store_const", dest="mode", const="experiments", help="the recipe search table")
+    mode.add_argument("--full", action="store_const", dest="mode", const="full", help="all images at 224 px (a GPU's job)")
     p.add_argument("--datasets", default="cifar10,fashion-mnist")
-    p.add_argument("--train-per-class", type=int, help="training images per class (default: quick 100, full all)")
-    p.add_argument("--test-per-class", type=int, help="test images per class (default: quick 30, full all)")
-    p.add_argument("--img-size", type=int, help="input resolution (default: quick 64, full 224)")
-    p.add_argument("--epochs", type=int, help="default: quick 3, full 5")
-    p.add_argument("--batch-size", type=int, help="default: quick 32, full 128")
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak lr of the fine-tunes")
-    p.add_argument("--head-lr", type=float, default=3e-3, help="AdamW peak lr of head-only training")
+    p.add_argument("--train-per-class", type=int, help="training images per class (default: the mode's)")
+    p.add_argument("--test-per-class", type=int, help="test images per class (default: the mode's)")
+    p.add_argument("--img-size", type=int, help="input resolution (default: the mode's)")
+    p.add_argument("--epochs", type=int, help="default: the mode's (default mode: featx finetune's own default)")
+    p.add_argument("--batch-size", type=int, help="batch of the frozen extraction (default: the mode's)")
     p.add_argument("--device", default="auto")
     p.add_argument("--workers", type=int, help="decoding workers (default: featx's)")
     p.add_argument("--seed", type=int, default=0)
@@ -201,19 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-write", action="store_true", help="print the table instead of writing RESULTS.md")
     args = p.parse_args(argv)
-    quick = args.quick
-    args.train_per_class = args.train_per_class if args.train_per_class is not None else (100 if quick else None)
-    args.test_per_class = args.test_per_class if args.test_per_class is not None else (30 if quick else None)
-    args.img_size = args.img_size or (64 if quick else 224)
-    args.epochs = args.epochs or (3 if quick else 5)
-    args.batch_size = args.batch_size or (32 if quick else 128)
+    args.mode = args.mode or "default"
+    for k, v in MODES[args.mode].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = resolve_device(args.device)
     WORK.mkdir(parents=True, exist_ok=True)
     warm_up(str(device), args.img_size)
-    results = []
+    if args.mode == "experiments":
+        text = experiments(args, str(device))
+        print(text)
+        if not args.no_write:
+            write_section("finetune_recipe", text)
+        return 0
+    results, dataset_seconds = [], {}
     datasets = args.datasets.split(",")
-    dataset_seconds = {}
     for name in datasets:
         if name == "cifar10":
             src = resolve_source(cifar10_dir(args.cifar_tar))
@@ -225,17 +260,17 @@ def main(argv: list[str] | None = None) -> int:
         t_dataset = time.perf_counter()
         results += run_dataset(name, src, args, str(device))
         dataset_seconds[name] = time.perf_counter() - t_dataset
-    # each data set's rows are kept, so full runs can be split over several calls (one data set each)
-    signature = f"{'quick' if quick else 'full'}-{args.img_size}px-{args.epochs}ep-{args.train_per_class}-{args.test_per_class}"
+    # each data set's rows are kept, so runs can be split over several calls (one data set each)
+    signature = f"{args.mode}-{args.img_size}px-{args.epochs}ep-{args.train_per_class}-{args.test_per_class}"
     store = WORK / f"rows-{signature}.json"
     runs = json.loads(store.read_text()) if store.exists() else {}
     hw = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
-    precision = next((r["precision"] for r in results if "precision" in r), "n/a")
-    setup = (f"{device} ({hw}), {precision}; {args.img_size} px, {args.epochs} epoch(s), batch {args.batch_size}, AdamW lr {args.lr} "
-             f"(head-only {args.head_lr}), layer decay 0.8, warm-up 10% + cosine, label smoothing 0.1, timm training augmentation")
+    ft = next(r for r in results if r["method"].startswith("default recipe"))
+    setup = (f"{device} ({hw}), {ft['precision']}; {args.img_size} px, {ft['epochs']} epochs, batch {ft['batch_size']}, AdamW lr "
+             f"{ft['lr']:g}, warm-up 10% + cosine, BatchNorm statistics {ft['bn']}, augmentation {ft['augment']}, linear-probe start")
     for name in datasets:
         runs[name] = {"rows": [r for r in results if r["dataset"] == name], "command": command_line(), "setup": setup,
-                      "seconds": dataset_seconds[name], "quick": quick}
+                      "seconds": dataset_seconds[name], "mode": args.mode}
     store.write_text(json.dumps(runs, indent=2, default=str))
     text = markdown(runs, "GPU" if device.type == "cuda" else "CPU")
     print(text)
