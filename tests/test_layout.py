@@ -16,7 +16,7 @@ LAYERS = {
     "files": 1, "provenance": 1, "configs": 1, "device": 1, "images": 1, "metrics": 1, "splits": 1,
     "plots": 2, "sources": 2, "preprocess": 2, "backbones": 2, "store": 2, "heads": 2, "distributed": 2,
     "loading": 3,
-    "embedder": 4, "head_folder": 4,
+    "embedder": 4, "head_folder": 4, "run_folder": 4,
     "extraction": 5, "fitting": 5, "evaluation": 5, "prediction": 5, "finetuning": 5,
     "demo": 6, "comparison": 6,
     "cli": 7,

@@ -165,12 +165,14 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         from the same forward pass and is global-average-pooled.
     tta : None, or 'flip': the embedding averaged over the image and its horizontal mirror (one batched forward of both).
     random_state : seed of the initialisation when no weights are loaded.
+    num_classes : 0 for embeddings; K > 0 keeps the model's classifier over K classes (loaded from ``weights``, e.g. a
+        fine-tuned checkpoint), so the outputs are its K logits (``layers`` must then be 'last').
     """
 
     def __init__(self, model: str = "tf_efficientnet_lite0", *, pretrained: bool = False, weights: str | None = None,
                  img_size: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
                  workers: int | None = None, preprocess: str = "auto", channels_last: bool = True, compile: bool = False,
-                 layers: str = "last", tta: str | None = None, random_state: int = 0):
+                 layers: str = "last", tta: str | None = None, random_state: int = 0, num_classes: int = 0):
         self.model = model
         self.pretrained = pretrained
         self.weights = weights
@@ -185,6 +187,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.layers = layers
         self.tta = tta
         self.random_state = random_state
+        self.num_classes = num_classes
 
     # -- building ------------------------------------------------------------------------------
     def fit(self, X=None, y=None) -> "ImageEmbedder":
@@ -193,8 +196,10 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise FeatxError("--batch-size must be at least 1")
         self.device_ = resolve_device(self.device)
         self.precision_ = resolve_precision(self.precision, self.device_)
+        if self.num_classes and self.layers != "last":
+            raise FeatxError(f"--layers {self.layers}: a model with its classifier gives logits; use --layers last")
         self.model_, self.info_ = create_backbone(self.model, pretrained=self.pretrained, weights=self.weights, img_size=self.img_size,
-                                                   seed=self.random_state)
+                                                   num_classes=self.num_classes, seed=self.random_state)
         self.data_config_, self.transform_ = eval_transform(self.model_, self.img_size)
         self.geometry_ = Geometry.from_transform(self.transform_)
         self.preprocess_ = self._preprocess_mode()
@@ -202,7 +207,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.taps_ = parse_taps(self.layers, self.model_, self.model)
         if self.tta not in (None, "none", "flip"):
             raise FeatxError(f"unknown --tta '{self.tta}'; use flip (or leave it out)")
-        self.num_features_ = sum(t.dim for t in self.taps_)
+        self.num_features_ = self.num_classes or sum(t.dim for t in self.taps_)
         self._forward_model = None
         return self
 

@@ -15,6 +15,7 @@ from .head_folder import LoadedHead, load_head
 from .metrics import classification_metrics, confusion, per_class_report
 from .plots import save_confusion_png
 from .provenance import provenance
+from .run_folder import is_run_folder, not_a_head_message
 from .splits import stratified_holdout
 from .store import FeatureSet, FeatureStore
 
@@ -63,8 +64,11 @@ def evaluate_head(head_dir: str | os.PathLike, features: str | os.PathLike, *, s
 
     Without ``split``: the head's test split, or the same seeded hold-out it was tested on.
     Outputs are named by split (and by store and group when they are not the head's own), and an
-    output written from another store is never replaced without ``overwrite``.
+    output written from another store is never replaced without ``overwrite``. A fine-tuning run folder
+    is refused with the commands that score it (``predict`` on images, or ``extract --weights`` then ``fit-head``).
     """
+    if is_run_folder(head_dir):
+        raise FeatxError(not_a_head_message(head_dir))
     head = load_head(head_dir)
     fs, key, split, holdout = _evaluation_rows(head, features, split, model)
     names = head.class_names

@@ -1,4 +1,5 @@
-"""``featx predict``: the head's own backbone (same weights, verified by hash; same preprocessing) and the head on new images."""
+"""``featx predict``: the head's own backbone (same weights, verified by hash; same preprocessing) and the head on new images,
+or a fine-tuning run's model (backbone and classifier, with the run's eval preprocessing)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from .embedder import ImageEmbedder
 from .errors import FeatxError
 from .files import atomic_path
 from .head_folder import LoadedHead, load_head
+from .run_folder import LoadedRun, is_run_folder, load_run
 from .sources import ImageSource, resolve_source
 
 __all__ = ["PredictResult", "predict_images"]
@@ -58,8 +61,11 @@ def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, 
     ``path,label,probability,error``, then ``label_2,probability_2 ... label_K,probability_K`` (top-k),
     ``true_label`` when the source has labels and ``split`` when it has several splits.
 
+    ``head_dir`` is a head folder (``featx fit-head``) or a fine-tuning run folder (``featx finetune``), whose
+    model, classifier included, scores the images with the run's eval preprocessing.
     Unreadable images get a row with an empty label and the reason in ``error``; they never stop the run.
-    ``config.weights`` points at the checkpoint when it has moved; its hash must still match the head's.
+    ``config.weights`` points at the checkpoint when it has moved (its hash must still match the head's), or
+    picks a run's checkpoint (default: its best.pt, else last.pt).
     """
     config = config or PredictConfig()
     t0 = time.perf_counter()
@@ -70,15 +76,14 @@ def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, 
         raise FeatxError(f"cannot write --out '{out}': folder '{out.parent}' does not exist")
     if config.top_k is not None and config.top_k < 1:
         raise FeatxError(f"--top-k must be at least 1, got {config.top_k}")
-    head = load_head(head_dir)
+    classifier = _run_classifier(head_dir, config) if is_run_folder(head_dir) else _head_classifier(head_dir, config)
     src = source if isinstance(source, ImageSource) else resolve_source(source)
-    embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights)
-    feats, reasons = _embed(embedder, src, int(head.meta["feature_dim"]), config.progress)
-    if head.meta["backbone"].get("dtype") == "float16":
+    feats, reasons = _embed(classifier.embedder, src, classifier.dim, config.progress)
+    if classifier.float16:
         feats = feats.astype(np.float16).astype(np.float32)  # as the head saw its training features
-    names = head.class_names
+    names = classifier.class_names
     k = min(len(names), config.top_k or (5 if len(names) > 5 else 1))
-    ranked, probs = _classify(head, feats, reasons, k)
+    ranked, probs = _classify(classifier.scores, feats, reasons, k)
     truth, unknown = _true_labels(src, names)
     splits = src.splits if len(src.split_names) > 1 else None
     paths = [str(src.path(i)) if src.path(i) is not None else src.ids[i] for i in range(len(src))]
@@ -91,6 +96,36 @@ def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, 
     accuracy, by_split = _accuracy(truth, ranked[:, 0], splits)
     return PredictResult(out=out, n_images=len(src), n_predicted=int((ranked[:, 0] >= 0).sum()), unreadable=unreadable,
                          seconds=time.perf_counter() - t0, accuracy=accuracy, accuracy_by_split=by_split, unknown_classes=unknown)
+
+
+@dataclass
+class _Classifier:
+    """What labels images: an embedder, and the function from its outputs [n, dim] to class probabilities [n, K]."""
+
+    embedder: ImageEmbedder
+    class_names: list[str]
+    dim: int
+    scores: Callable[[np.ndarray], np.ndarray]
+    float16: bool = False  # round the outputs through float16 first (the head was fitted on float16 features)
+
+
+def _head_classifier(head_dir, config: PredictConfig) -> _Classifier:
+    head = load_head(head_dir)
+    embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights)
+    return _Classifier(embedder, head.class_names, int(head.meta["feature_dim"]), head.scores,
+                       float16=head.meta["backbone"].get("dtype") == "float16")
+
+
+def _run_classifier(run_dir, config: PredictConfig) -> _Classifier:
+    run = load_run(run_dir, config.weights)
+    embedder = run_embedder(run, device=config.device, batch_size=config.batch_size, workers=config.workers)
+    return _Classifier(embedder, run.class_names, len(run.class_names), _softmax)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def _true_labels(src: ImageSource, names: list[str]) -> tuple[np.ndarray | None, list[str]]:
@@ -135,8 +170,8 @@ def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 6
         raise FeatxError(f"the checkpoint the head's features came from, '{ckpt}', does not exist; pass its new location with --weights PATH")
     mode = json.loads(bb.get("preprocessing") or "{}").get("mode", "host")
     embedder = ImageEmbedder(bb["model"], pretrained=recorded == "timm-pretrained" and weights is None, weights=ckpt,
-                             img_size=bb.get("img_size"), device=device, precision=_precision(bb, device), batch_size=batch_size,
-                             workers=workers, preprocess=mode, layers=bb.get("layers") or "last",
+                             img_size=bb.get("img_size"), device=device, precision=_precision(bb.get("precision"), device),
+                             batch_size=batch_size, workers=workers, preprocess=mode, layers=bb.get("layers") or "last",
                              tta=None if bb.get("tta") in (None, "none") else bb["tta"]).fit()
     if embedder.info_.weights_sha256 != bb.get("weights_sha256"):
         raise FeatxError(
@@ -151,12 +186,24 @@ def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 6
     return embedder
 
 
-def _precision(bb: dict, device: str) -> str:
+def run_embedder(run: LoadedRun, *, device: str = "auto", batch_size: int = 64, workers: int | None = None) -> ImageEmbedder:
+    """The run's model, classifier included (its outputs are logits), with the preprocessing the run was evaluated with."""
+    embedder = ImageEmbedder(run.model_name, weights=str(run.checkpoint), img_size=run.img_size, device=device,
+                             precision=_precision(run.precision, device), batch_size=batch_size, workers=workers,
+                             preprocess="host", num_classes=len(run.class_names)).fit()
+    rebuilt = json.loads(json.dumps(embedder.data_config_, default=list))
+    if rebuilt != run.data_config:
+        raise FeatxError(f"rebuilt preprocessing {rebuilt} differs from the run's {run.data_config}; "
+                         "use the timm version the run was made with")
+    return embedder
+
+
+def _precision(precision: str | None, device: str) -> str:
     from .device import resolve_device
 
-    precision = bb.get("precision") or "fp32"
+    precision = precision or "fp32"
     if precision == "fp16" and resolve_device(device).type == "cpu":
-        _logger.warning("features were computed in fp16, which this CPU cannot run; using fp32 (predictions may differ slightly)")
+        _logger.warning("the backbone ran in fp16, which this CPU cannot run; using fp32 (predictions may differ slightly)")
         return "fp32"
     return precision
 
@@ -177,7 +224,7 @@ def _embed(embedder: ImageEmbedder, src: ImageSource, dim: int, progress: bool) 
     return feats, reasons
 
 
-def _classify(head: LoadedHead, feats: np.ndarray, reasons: dict[int, str], k: int) -> tuple[np.ndarray, np.ndarray]:
+def _classify(scores: Callable[[np.ndarray], np.ndarray], feats: np.ndarray, reasons: dict[int, str], k: int) -> tuple[np.ndarray, np.ndarray]:
     """(top-k class indices [n, k], their probabilities [n, k]); -1 and NaN for images without a usable embedding."""
     n = len(feats)
     finite = np.isfinite(feats).all(axis=1)
@@ -186,7 +233,7 @@ def _classify(head: LoadedHead, feats: np.ndarray, reasons: dict[int, str], k: i
     ok_idx = np.flatnonzero(finite)
     ranked, probs = np.full((n, k), -1, dtype=np.int64), np.full((n, k), np.nan)
     if len(ok_idx):
-        s = head.scores(feats[ok_idx])
+        s = scores(feats[ok_idx])
         top = np.argsort(-s, axis=1, kind="stable")[:, :k]
         ranked[ok_idx] = top
         probs[ok_idx] = np.take_along_axis(s, top, axis=1)

@@ -133,7 +133,7 @@ def add_evaluate(sub) -> None:
                                    "macro F1, top-5 accuracy (more than 5 classes), a per-class report and a confusion matrix, "
                                    "written as evaluation-<split>.json and confusion-<split>.png (prefixed with the store and "
                                    "group when they are not the head's own).")
-    p.add_argument("head_dir", metavar="HEAD_DIR")
+    p.add_argument("head_dir", metavar="HEAD_DIR", help="head folder of featx fit-head (a featx finetune RUN_DIR scores images: featx predict)")
     p.add_argument("features", metavar="FEATURES.h5")
     add_option(p, None, "--split", metavar="S", help="split to evaluate (default: the head's test split or hold-out)")
     add_option(p, None, "--model", metavar="KEY", help="feature group in the store (default: the head's)")
@@ -151,16 +151,18 @@ def cmd_evaluate(args) -> int:
 
 
 def add_predict(sub) -> None:
-    p = sub.add_parser("predict", help="label new images with a saved head and its backbone",
+    p = sub.add_parser("predict", help="label new images with a saved head and its backbone, or a fine-tuned run",
                        description="Run the backbone recorded in HEAD_DIR (same weights, verified by hash; same preprocessing) "
                                    "and the head on SOURCE (a class folder, a flat folder of images, a CSV with a path column ...), writing "
                                    "path,label,probability,error[,label_2,probability_2 ...][,true_label][,split] per image. "
-                                   "Unreadable images get an empty label and the reason in 'error'; they are never fatal.")
-    p.add_argument("head_dir", metavar="HEAD_DIR")
+                                   "A featx finetune RUN_DIR works the same way: its model (best.pt, else last.pt) with the run's "
+                                   "eval preprocessing. Unreadable images get an empty label and the reason in 'error'; they are never fatal.")
+    p.add_argument("head_dir", metavar="HEAD_DIR|RUN_DIR", help="head folder of featx fit-head, or run folder of featx finetune")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     p.add_argument("--out", required=True, metavar="predictions.csv")
     add_option(p, PredictConfig, "--weights", metavar="PATH",
-               help="the backbone checkpoint, if it moved since extraction (its hash must match)")
+               help="the backbone checkpoint, if it moved since extraction (its hash must match); with RUN_DIR: the run's "
+                    "checkpoint to use (default: best.pt, else last.pt)")
     add_option(p, PredictConfig, "--top-k", type=positive_int, metavar="K",
                help="classes written per image with their probabilities, best first (default: 5 when the head knows more than 5, else 1)")
     add_runtime_options(p, PredictConfig, names=("device", "batch_size", "workers", "progress"))
