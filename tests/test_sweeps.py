@@ -208,3 +208,18 @@ def test_bad_grid_values_are_one_line_errors(tmp_path, capsys):
                "--json", "--no-progress"])
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and [c["params"]["C"] for c in result["sweep"]["curve"]] == [0.01, 0.1, 1.0]
+
+
+def test_a_flat_validation_curve_does_not_choose_the_strongest_regularisation():
+    """Easy classes: every C scores 1.0 on validation. The first C (1e-5) can refit into a head that predicts one class
+    (seen in the README session with 8 images a class, accuracy 0.2); ties go to the middle of the plateau."""
+    from featx.heads import grid_of, make_head, sweep
+
+    rng = np.random.default_rng(0)
+    y = np.repeat([0, 1, 2], 20)
+    X = rng.normal(0, 10, (3, 32))[y] + rng.normal(0, 0.1, (len(y), 32))
+    grid = grid_of("logreg")
+    pipe, result = sweep(make_head("logreg", device="cpu"), X, y, grid, random_state=0)
+    assert {c["val_accuracy"] for c in result.curve} == {1.0}
+    assert result.best == grid[len(grid) // 2]
+    assert (pipe.predict(X) == y).mean() == 1.0

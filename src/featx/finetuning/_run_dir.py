@@ -29,12 +29,12 @@ from ..backbones import create_timm_model
 from ..errors import FeatxError
 from ..files import atomic_path, public_mode, replace_folder, write_json_atomic
 from ..provenance import provenance
+from ..run_folder import RUN_FILE
 from ..configs import FinetuneConfig
 
 __all__ = ["RUN_FILE", "run_identity", "prepare_run_dir", "save_checkpoint", "load_checkpoint", "export_model"]
 
 _logger = logging.getLogger(__name__)
-RUN_FILE = "run.json"
 _RUN_FILES = (RUN_FILE, "last.pt", "best.pt", "metrics.json")
 # Settings that may differ between an interrupted run and its resumption without changing results.
 _NOT_IDENTITY = ("device", "workers", "progress", "resume", "overwrite", "max_minutes", "test_curve", "export")

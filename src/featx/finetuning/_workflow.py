@@ -7,7 +7,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -77,6 +77,7 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
     """
     t_start = time.perf_counter()
     config.validate()
+    config = _absolute_paths(config)
     run, resumed_from = _setup(source, config, Path(out))
     wall_before = run.state["wall_seconds"]
 
@@ -105,6 +106,13 @@ def finetune(source: str | ImageSource, config: FinetuneConfig, out: str | os.Pa
                         "; ".join(f"{run.src.ids[int(i)]}: {r}" for i, r in list(run.state["skipped"].items())[:3]))
     return FinetuneResult(out=run.out, metrics=metrics, history=run.state["history"], epochs_done=run.state["epoch"],
                           resumed_from=resumed_from, export_dir=export_dir)
+
+
+def _absolute_paths(config: FinetuneConfig) -> FinetuneConfig:
+    """--weights and --init-head as absolute paths, so run.json and --resume mean the same files from any folder."""
+    paths = {k: str(Path(v).resolve()) for k in ("weights", "init_head")
+             if (v := getattr(config, k)) and v != "package" and Path(v).exists()}
+    return replace(config, **paths) if paths else config
 
 
 def _setup(source, config: FinetuneConfig, out: Path) -> tuple[_Run, int]:

@@ -118,7 +118,7 @@ def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
 class SweptHead(ClassifierMixin, BaseEstimator):
     """``pipeline`` with its head's parameters chosen among ``grid`` on a validation split, then refit on all rows.
 
-    ``grid`` is a list of dicts of head parameters; ties go to the first entry. Fitted attributes:
+    ``grid`` is a list of dicts of head parameters; ties go to the middle one of the tied entries. Fitted attributes:
     ``best_params_``, ``best_estimator_`` (the refit pipeline), ``result_`` (:class:`SweepResult`).
     """
 
@@ -163,11 +163,16 @@ class SweptHead(ClassifierMixin, BaseEstimator):
 
 
 def _record(result: SweepResult, grid: list[dict], scored: list[dict], seconds: float, batched: bool) -> None:
-    """Fill ``result`` from the grid's validation scores: curve, choice (ties: the first entry), edges."""
+    """Fill ``result`` from the grid's validation scores: curve, choice, edges.
+
+    Ties go to the middle one of the tied entries (in grid order): on easy data every C from 1e-5 up may score 1.0 on
+    validation, and the first (the strongest regularisation) refits into a head that predicts one class.
+    """
     result.seconds, result.batched = seconds, batched
     result.curve = [{"params": entry, **s} for entry, s in zip(grid, scored)]
     scores = [s["val_accuracy"] for s in scored]
-    best = int(np.argmax(scores))
+    tied = np.flatnonzero(np.asarray(scores) == np.max(scores))
+    best = int(tied[len(tied) // 2])
     result.best, result.best_val_accuracy = dict(grid[best]), scores[best]
     result.edges = grid_edges(grid, result.best, scores)
     for note in result.edge_notes():
