@@ -41,16 +41,32 @@ def _header(args, title: str) -> list[str]:
 def sweeps(args) -> str:
     from _sweeps import render, run
 
-    store = cifar_store(args.features)
-    train, test = load_features(store, split="train"), load_features(store, split="test")
+    layers_store = CACHE / "layers-cifar10-224-all-all.h5"  # written by --section layers: its 'last' tap is the same embedding
+    if not args.features.exists() and layers_store.exists():
+        store, train, test = layers_store, *_last_tap(layers_store)
+    else:
+        store = cifar_store(args.features)
+        train, test = load_features(store, split="train"), load_features(store, split="test")
     Xtr, ytr = train.X, train.y
     if args.sweep_rows:
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(ytr))[: args.sweep_rows])
         Xtr, ytr = Xtr[keep], ytr[keep]
     rows = run(((Xtr, ytr), (test.X, test.y)), args.sweep_heads, args.device, args.seed)
-    source = f"`{store.name}` ({train.attrs.get('model')}, {train.attrs.get('img_size')} px, featx extract)"
+    source = f"`{store.name}` ({train.attrs.get('model')}, {train.attrs.get('img_size')} px, featx extract" + (
+        ", the 'last' tap's columns of the `--layers` group" if store == layers_store else "") + ")"
     return "\n".join(_header(args, "Head sweeps at the speed of the hardware (`benchmarks/heads.py --section sweeps`)")
                      + render(rows, len(ytr), len(test.y), Xtr.shape[1], source))
+
+
+def _last_tap(store: Path):
+    """(train, test) feature sets of the 'last' tap (pre-logits) of the --layers group 'taps' of a layers store."""
+    import dataclasses
+
+    with __import__("featx").open_store(store) as fs:
+        taps = json.loads(fs.attrs("taps")["taps"])
+    stop = next(t["stop"] for t in taps if t["tap"] == "last")
+    train, test = load_features(store, "taps", "train"), load_features(store, "taps", "test")
+    return dataclasses.replace(train, X=train.X[:, :stop]), dataclasses.replace(test, X=test.X[:, :stop])
 
 
 def large_store(args) -> str:

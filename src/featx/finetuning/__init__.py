@@ -1,13 +1,15 @@
 """Fine-tuning a timm backbone end to end, reported in the same schema as the frozen heads.
 
-A run trains ``backbone + classifier`` on the training split of an image source and evaluates
-on the test/val split (or a seeded, stratified held-out part of the training split) after every
-epoch; everything it needs to continue lives in RUN_DIR (:mod:`featx.finetuning._run_dir`).
+A run starts the classifier from a linear probe fitted on the frozen embeddings of its training images (or from
+``--init-head``), trains with the BatchNorm statistics of pretraining, chooses the epoch (the probe itself is epoch 0)
+on a validation part of the training images, and scores the test images once, beside the frozen probe's score on
+the same images; everything it needs to continue lives in RUN_DIR (:mod:`featx.finetuning._run_dir`).
 
-Modules: ``_config`` (the options), ``_data`` (which images, loaders), ``_freezing`` (stages
-and frozen parts), ``_head_init`` (classifier from a fitted linear head), ``_optim`` (AdamW,
-layer decay, warm-up + cosine), ``_loop`` (an epoch, an evaluation), ``_rng`` (random states),
-``_run_dir`` (run.json, checkpoints, export), ``_workflow`` (``finetune()``).
+Modules: ``_data`` (train / validation / test images, augmentation, loaders), ``_freezing`` (stages, frozen parts,
+BatchNorm statistics), ``_head_init`` (classifier from a fitted linear head), ``_probe`` (the linear probe a run
+starts from), ``_optim`` (AdamW, parameter groups, warm-up + cosine), ``_loop`` (an epoch, an evaluation, embeddings),
+``_rng`` (random states), ``_run_dir`` (run.json, checkpoints, export), ``_report`` (metrics.json and the summary),
+``_workflow`` (``finetune()``).
 """
 
 from ..configs import FinetuneConfig
