@@ -51,7 +51,7 @@ def head_row(group: str, head: str, meta: dict, attrs: dict) -> dict:
 def finetune_row(group: str, metrics: dict, attrs: dict) -> dict:
     """A leaderboard row from a fine-tuning run's metrics.json (the forward cost is the backbone's, as measured by extraction)."""
     ips = _images_per_s(attrs)
-    chosen = {k: metrics[k] for k in ("epochs_done", "lr", "freeze", "img_size") if k in metrics}
+    chosen = {k: metrics[k] for k in ("best_epoch", "epochs_done", "lr", "freeze", "img_size") if k in metrics}
     return {"backbone": group, "head": "finetune", **{k: metrics.get(k) for k in ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy")},
             "chosen": _fmt(chosen), "dim": int(attrs.get("num_features", 0)), "backbone_params": _params(attrs),
             "extract_images_per_s": ips, "fit_seconds": float(metrics["fit_seconds"]), "predict_ms_per_image": 1000 / ips,
