@@ -152,7 +152,7 @@ class FinetuneConfig:
     epochs: int = 5
     max_minutes: float | None = None  # stop at the end of the epoch that crosses this wall-clock budget (probe included)
     batch_size: int = 32
-    lr: float = 1e-4  # peak AdamW learning rate of the backbone's last layer group
+    lr: float = 3e-4  # peak AdamW learning rate (with layer_decay: of the last layer group)
     head_lr_scale: float = 1.0  # the classifier's lr is lr * head_lr_scale
     weight_decay: float = 0.05  # AdamW weight decay (not applied to biases, norms, tokens)
     layer_decay: float | None = None  # layer-wise lr decay (timm's grouping); None or 1: same lr everywhere
@@ -160,7 +160,7 @@ class FinetuneConfig:
     min_lr_ratio: float = 0.0  # cosine decay ends at lr * min_lr_ratio
     label_smoothing: float = 0.0
     clip_grad: float | None = 1.0  # max gradient norm; 0 or None: no clipping
-    augment: str = "flip"  # none | flip | crop (random resized crop >= 35% + flip) | timm (timm's ImageNet training transform)
+    augment: str = "crop"  # none | flip | crop (random resized crop >= 35% + flip) | timm (timm's ImageNet training transform)
     bn: str = "frozen"  # BatchNorm running statistics: frozen (kept from pretraining) | train (re-estimated on the batches)
     val_fraction: float = 0.1  # part of the training split held out to choose the epoch (never the test split)
     test_curve: bool = False  # also score the test images after every epoch, as information only (never used to choose)
