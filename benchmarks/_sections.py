@@ -139,7 +139,8 @@ def _layer_stores(dataset: str, args, taps: str) -> tuple[Path, dict]:
     src = load_dataset(dataset, args.n_train, args.n_test, args.seed)
     store = CACHE / f"layers-{dataset}-{size}-{args.n_train or 'all'}-{args.n_test or 'all'}.h5"
     info = {"img_size": size, "n": len(src)}
-    for key, tta in (("taps", None), ("taps+flip", "flip")):
+    variants = [("taps", None)] + ([("taps+flip", "flip")] if dataset in args.flip_datasets else [])
+    for key, tta in variants:
         r = extract(src, ExtractConfig(model=MODEL, weights="package", img_size=size, layers=taps, tta=tta, key=key,
                                        batch_size=args.batch_size, progress=not args.no_progress), store)
         info[key] = "cache hit" if r.cache_hit else f"{r.images_per_s:.1f} img/s"
@@ -160,6 +161,8 @@ def _layer_rows(store: Path, dataset: str, taps_json: list, args) -> list[dict]:
             ("last", "taps", first["last"]["stop"], "knn", False), ("last + 4 blocks", "taps", cut4, "knn", False),
             ("last + 4 blocks, tap-norm", "taps", cut4, "knn", True)]
     for label, key, cut, head, tap_norm in plan:
+        if key == "taps+flip" and dataset not in args.flip_datasets:
+            continue
         train, test = load_features(store, key, "train"), load_features(store, key, "test")
         Xtr, Xte = (train.X, test.X) if cut is None else (train.X[:, :cut], test.X[:, :cut])
         blocks = [(t["start"], t["stop"]) for t in taps_json if t["stop"] <= Xtr.shape[1]] if tap_norm else None
@@ -204,7 +207,7 @@ def layers(args) -> str:
     lines += ["EfficientNet-Lite0 (real ImageNet weights), features `--layers " + taps + "` with and without `--tta flip`, extracted once "
               "with featx extract; variants are column slices of those stores (the taps are concatenated in the stated order). "
               "Heads: featx's swept logreg (C chosen on a 20% validation part of the training split) and swept kNN; test split scored once.",
-              "", "Extraction: " + "; ".join(f"{d}: {i['n']} images at {i['img_size']} px, taps {i['taps']}, taps+flip {i['taps+flip']}"
+              "", "Extraction: " + "; ".join(f"{d}: {i['n']} images at {i['img_size']} px, taps {i['taps']}, taps+flip {i.get('taps+flip', 'not run')}"
                                            for d, i in infos.items()) + ".", "",
               "| dataset | features | dim | head | chosen | validation | test accuracy | sweep s |", "|---|---|---:|---|---|---:|---:|---:|"]
     for r in all_rows:

@@ -201,7 +201,6 @@ def experiments(args, device: str) -> str:
     src = subset(resolve_source(cifar10_dir(args.cifar_tar)), {"train": args.train_per_class, "test": args.test_per_class}, args.seed)
     common = dict(model=MODEL, weights=lite0_weights(), img_size=args.img_size, epochs=args.epochs, device=device, workers=args.workers,
                   progress=not args.no_progress, export="none", overwrite=True, seed=args.seed)
-    t0 = time.perf_counter()
     rows = [_finetune_row(src, "cifar10-experiment", label, FinetuneConfig(**{**common, **START, **o}), reuse=True)
             for label, o in EXPERIMENTS]
     reused = sum(bool(r.get("reused")) for r in rows)

@@ -138,6 +138,8 @@ def main() -> None:
     p.add_argument("--sweep-rows", type=int, help="sweeps: use this many training rows (default: all)")
     p.add_argument("--store-gb", type=float, default=2.0, help="large_store: size of the synthetic store")
     p.add_argument("--cap-gb", type=float, default=0.5, help="large_store: --max-memory given to fit-head")
+    p.add_argument("--flip-datasets", nargs="*", default=["fashion-mnist", "cifar10"],
+                   help="layers: data sets that also get the --tta flip variant (a second, twice as costly extraction)")
     p.add_argument("--taps", default="last,b-1,b-2,b-3,b-4,b-5,b-6,b-7", help="layers: the taps extracted (variants are slices)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="heads: %(message)s")
