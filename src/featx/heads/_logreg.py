@@ -12,13 +12,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.base import clone
-from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
 from ._lbfgs import batched_lbfgs
 from ._progress import progress_bar
 from ._rows import Rows
-from ._torch_base import TorchHead, class_weights
+from ._torch_base import LinearWeights, TorchHead, class_weights
 from ._torch_linear import train_linear_heads
 
 __all__ = ["LogisticRegressionClassifier", "logistic_objective"]
@@ -72,7 +71,7 @@ def _shift_history(history: list, delta_penalty: torch.Tensor, D: int, K: int) -
     return shifted
 
 
-class LogisticRegressionClassifier(TorchHead):
+class LogisticRegressionClassifier(LinearWeights, TorchHead):
     """Logistic regression with scikit-learn's objective and meaning of ``C``, solved by batched L-BFGS in torch.
 
     Parameters
@@ -215,18 +214,6 @@ class LogisticRegressionClassifier(TorchHead):
         for est in fitted:
             est._validate()
         return fitted
-
-    def _logits(self, X: np.ndarray) -> np.ndarray:
-        return X @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        check_is_fitted(self)
-        return {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
-
-    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.coef_ = state["coef"].numpy()
-        self.intercept_ = state["intercept"].numpy()
-        self.n_features_in_ = self.coef_.shape[1]
 
     def learned_extra(self) -> dict:
         return {"n_iter": self.n_iter_, "converged": self.converged_}

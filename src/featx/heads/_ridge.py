@@ -7,10 +7,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from sklearn.base import clone
-from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
-from ._torch_base import TorchHead, class_weights
+from ._torch_base import LinearWeights, TorchHead, class_weights
 
 __all__ = ["RidgeClassifier", "RIDGE_ALPHAS"]
 
@@ -77,7 +76,7 @@ class _Factorisation:
         return float((predicted == y).float().mean())
 
 
-class RidgeClassifier(TorchHead):
+class RidgeClassifier(LinearWeights, TorchHead):
     """Ridge classifier: targets +-1 per class (one column for two classes), least squares with an L2 penalty ``alpha``.
 
     Parameters
@@ -146,15 +145,6 @@ class RidgeClassifier(TorchHead):
         return np.concatenate([-z / 2, z / 2], axis=1) if z.shape[1] == 1 else z  # two classes: decision_function is z
 
     _has_proba = False  # least-squares scores are not probabilities: featx ranks by the softmax of decision_function
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        check_is_fitted(self)
-        return {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
-
-    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.coef_ = state["coef"].numpy()
-        self.intercept_ = state["intercept"].numpy()
-        self.n_features_in_ = self.coef_.shape[1]
 
     def learned_extra(self) -> dict:
         return {"alpha": self.alpha_}

@@ -12,7 +12,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..splits import stratified_holdout
 
-__all__ = ["AUTO_EARLY_STOPPING_ROWS", "early_stopping_split", "auto_epochs", "class_weights", "TorchHead"]
+__all__ = ["AUTO_EARLY_STOPPING_ROWS", "early_stopping_split", "auto_epochs", "class_weights", "TorchHead", "LinearWeights"]
 
 # With fewer rows, a 10% validation split is too small to judge an epoch by (accuracy moves in
 # steps of 1/160 at 1,600 rows) and stopping early cost 3.5 accuracy points on CIFAR-10 features
@@ -151,3 +151,22 @@ class TorchHead(ClassifierMixin, BaseEstimator):
         self.classes_ = classes
         self.n_epochs_ = int(extra.get("n_epochs", 0))
         self.validation_score_ = float(extra.get("validation_score", float("nan")))
+
+
+class LinearWeights:
+    """``coef_`` [K, D] and ``intercept_`` [K] of a linear head: its logits, and its state as plain tensors (head folders)."""
+
+    def _logits(self, X: np.ndarray) -> np.ndarray:
+        return X @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
+
+    def state_tensors(self) -> dict:
+        import torch
+
+        check_is_fitted(self)
+        return {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
+
+    def _load_state(self, state: dict) -> None:
+        self.coef_ = state["coef"].numpy()
+        self.intercept_ = state["intercept"].numpy()
+        self.n_features_in_ = self.coef_.shape[1]
+

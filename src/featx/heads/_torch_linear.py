@@ -8,12 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from sklearn.base import clone
-from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
 from ._progress import progress_bar
 from ._rows import ArrayRows, Rows
-from ._torch_base import TorchHead, auto_epochs, class_weights, early_stopping_split
+from ._torch_base import LinearWeights, TorchHead, auto_epochs, class_weights, early_stopping_split
 
 __all__ = ["LinearHeads", "train_linear_heads", "TorchLinearClassifier"]
 
@@ -160,7 +159,7 @@ def _evaluate_heads(rows: Rows, W: torch.Tensor, b: torch.Tensor, dev: torch.dev
     return correct / len(rows), loss / len(rows)
 
 
-class TorchLinearClassifier(TorchHead):
+class TorchLinearClassifier(LinearWeights, TorchHead):
     """Softmax regression trained with AdamW, a cosine schedule and early stopping, in torch.
 
     Parameters
@@ -241,12 +240,3 @@ class TorchLinearClassifier(TorchHead):
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         return X @ self.coef_.T.astype(np.float64) + self.intercept_.astype(np.float64)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        check_is_fitted(self)
-        return {"coef": torch.from_numpy(self.coef_), "intercept": torch.from_numpy(self.intercept_)}
-
-    def _load_state(self, state: dict[str, torch.Tensor]) -> None:
-        self.coef_ = state["coef"].numpy()
-        self.intercept_ = state["intercept"].numpy()
-        self.n_features_in_ = self.coef_.shape[1]
