@@ -308,5 +308,5 @@ def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         main(["finetune", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for fragment in ("training epochs (default:", "images per batch (default: 64)", "AdamW weight decay (not on biases and norms) (default:"):
+    for fragment in ("training epochs (default:", "images per batch (default: 32)", "AdamW weight decay (not on biases and norms) (default:"):
         assert fragment in text, fragment
