@@ -12,6 +12,7 @@ benchmarks/heads.png (accuracy against fit time).
     python benchmarks/heads.py --section sweeps # featx's logreg / ridge / kNN sweeps against scikit-learn's (full CIFAR-10)
     python benchmarks/heads.py --section large_store  # fit-head on a store 4x larger than its memory cap: peak RSS
     python benchmarks/heads.py --section layers # last layer vs block taps vs flip averaging (full CIFAR-10, Fashion-MNIST)
+    python benchmarks/heads.py --section layers_speed  # only the extraction speed of those variants
 """
 
 from __future__ import annotations
@@ -143,7 +144,7 @@ def main() -> None:
     p.add_argument("--taps", default="last,b-1,b-2,b-3,b-4,b-5,b-6,b-7", help="layers: the taps extracted (variants are slices)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="heads: %(message)s")
-    if args.section in ("sweeps", "large_store", "layers"):
+    if args.section in ("sweeps", "large_store", "layers", "layers_speed"):
         from _sections import run_section
 
         md = run_section(args)
