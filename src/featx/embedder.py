@@ -163,7 +163,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         from the end (-1 the last stage of timm's ``feature_info``, -2 the one before ...) or blocks (b-1, b-2 ...: block
         outputs, for models whose ``forward_intermediates`` takes ``extra_blocks``), e.g. 'last,-1,-2'; every tap comes
         from the same forward pass and is global-average-pooled.
-    tta : None, or 'flip': the embedding averaged over the image and its horizontal mirror (one batched forward of both).
+    tta : None, or 'flip': the embedding averaged over the image and its horizontal mirror (on CUDA one batched forward of
+        both; on the CPU one forward per view).
     random_state : seed of the initialisation when no weights are loaded.
     num_classes : 0 for embeddings; K > 0 keeps the model's classifier over K classes (loaded from ``weights``, e.g. a
         fine-tuned checkpoint), so the outputs are its K logits (``layers`` must then be 'last').
@@ -272,7 +273,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         views = [x, x.flip(3)] if self.tta == "flip" else [x]
         if self.device_.type == "cuda" and len(views) > 1:
             views = [torch.cat(views)]  # one batched forward of the image and its mirror
-        # on the CPU, one forward per view: a doubled batch outgrows the caches (measured: 3.2x the time of one view, not 2x)
+        # on the CPU, one forward per view. benchmarks/heads.py measured flip at 0.31x the last layer's images/s with one doubled
+        # batch (section layers), 0.49x with one forward per view (section layers_speed): two runs on a noisy machine
         feats = torch.cat([self._forward(model, v) for v in views]) if len(views) > 1 else self._forward(model, views[0])
         if self.tta == "flip":
             feats = (feats[: len(feats) // 2] + feats[len(feats) // 2 :]) / 2

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, top_k_accuracy_score
 
-__all__ = ["classification_metrics", "balanced_accuracy", "confusion", "per_class_report"]
+__all__ = ["classification_metrics", "balanced_accuracy", "confusion", "per_class_report", "softmax"]
 
 
 def classification_metrics(y_true, y_pred, proba=None, *, n_classes: int | None = None) -> dict:
@@ -46,3 +46,9 @@ def per_class_report(y_true, y_pred, class_names: list[str]) -> list[dict]:
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
     return [{"class": name, "precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
             for i, name in enumerate(class_names)]
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of scores [n, K] (shifted by each row's maximum, so large logits do not overflow), in z's dtype."""
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

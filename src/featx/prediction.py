@@ -20,6 +20,7 @@ from .embedder import ImageEmbedder
 from .errors import FeatxError
 from .files import atomic_path
 from .head_folder import LoadedHead, load_head
+from .metrics import softmax
 from .run_folder import LoadedRun, is_run_folder, load_run
 from .sources import ImageSource, resolve_source
 
@@ -119,13 +120,7 @@ def _head_classifier(head_dir, config: PredictConfig) -> _Classifier:
 def _run_classifier(run_dir, config: PredictConfig) -> _Classifier:
     run = load_run(run_dir, config.weights)
     embedder = run_embedder(run, device=config.device, batch_size=config.batch_size, workers=config.workers)
-    return _Classifier(embedder, run.class_names, len(run.class_names), _softmax)
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = np.exp(z - z.max(axis=1, keepdims=True))
-    return z / z.sum(axis=1, keepdims=True)
+    return _Classifier(embedder, run.class_names, len(run.class_names), lambda logits: softmax(logits.astype(np.float64)))
 
 
 def _true_labels(src: ImageSource, names: list[str]) -> tuple[np.ndarray | None, list[str]]:

@@ -85,39 +85,35 @@ class Trainer:
         return {"train_loss": float(loss_sum) / max(1, seen), "train_accuracy": int(correct) / max(1, seen), "train_images": seen,
                 "images_per_s": seen / max(1e-9, seconds)}
 
-    @torch.inference_mode()
-    def embed(self, loader, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(pre-logit features [n, D], labels [n]) of the model in eval mode on ``loader``: the frozen backbone's embeddings."""
+    def _scored(self, loader, skipped: dict, forward, none_readable: str):
+        """(outputs of ``forward`` as float32 on the CPU, labels) of every readable batch of ``loader``, model in eval mode;
+        unreadable images are added to ``skipped``."""
         self.model.eval()
-        feats, labels = [], []
+        outputs, labels = [], []
         for x, y, _, bad in loader:
             skipped.update({str(i): r for i, r in bad})
             if x is None:
                 continue
             with autocast_context(self.device, self.precision):
-                z = self.model.forward_head(self.model.forward_features(self._to_device(x)), pre_logits=True)
-            feats.append(z.float().cpu().numpy())
-            labels.append(y.numpy())
-        if not feats:
-            raise FeatxError("every training image was unreadable")
-        return np.concatenate(feats), np.concatenate(labels)
+                outputs.append(forward(self._to_device(x)).float().cpu())
+            labels.append(y)
+        if not labels:
+            raise FeatxError(none_readable)
+        return outputs, labels
+
+    @torch.inference_mode()
+    def embed(self, loader, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(pre-logit features [n, D], labels [n]) of the model in eval mode on ``loader``: the frozen backbone's embeddings."""
+        feats, labels = self._scored(loader, skipped, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True),
+                                     "every training image was unreadable")
+        return torch.cat(feats).numpy(), torch.cat(labels).numpy()
 
     @torch.inference_mode()
     def evaluate(self, loader, n_classes: int, skipped: dict) -> dict:
         """Metrics (fit-head schema), mean loss and image count of the model on ``loader``."""
-        self.model.eval()
-        y_true, probs, loss_sum = [], [], 0.0
-        for x, y, _, bad in loader:
-            skipped.update({str(i): r for i, r in bad})
-            if x is None:
-                continue
-            with autocast_context(self.device, self.precision):
-                logits = self.model(self._to_device(x)).float()
-            loss_sum += float(self.criterion(logits.cpu(), y)) * len(y)
-            probs.append(logits.softmax(1).cpu().numpy())
-            y_true.append(y.numpy())
-        if not y_true:
-            raise FeatxError("every evaluation image was unreadable; check the evaluation split")
-        y_true, proba = np.concatenate(y_true), np.concatenate(probs)
+        logits, labels = self._scored(loader, skipped, self.model,
+                                      "every evaluation image was unreadable; check the evaluation split")
+        loss_sum = sum(float(self.criterion(z, y)) * len(y) for z, y in zip(logits, labels))
+        y_true, proba = torch.cat(labels).numpy(), torch.cat(logits).softmax(1).numpy()
         metrics = classification_metrics(y_true, proba.argmax(1), proba, n_classes=n_classes)
         return {**metrics, "loss": loss_sum / len(y_true), "n": int(len(y_true))}

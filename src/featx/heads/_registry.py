@@ -168,14 +168,12 @@ def grid_of(name: str, grid: dict[str, tuple] | None = None) -> list[dict]:
 def predict_scores(estimator, X) -> np.ndarray:
     """Class probabilities [n, n_classes_seen]: ``predict_proba`` when the head has it, else the
     softmax of its decision function (an uncalibrated confidence, for ranking and top-k)."""
+    from ..metrics import softmax  # here: the registry is read by the command line, which loads no scikit-learn
+
     if hasattr(estimator, "predict_proba"):
         return estimator.predict_proba(X)
     d = np.asarray(estimator.decision_function(X), dtype=np.float64)
-    if d.ndim == 1:
-        d = np.stack([-d, d], axis=1)
-    d = d - d.max(axis=1, keepdims=True)
-    p = np.exp(d)
-    return p / p.sum(axis=1, keepdims=True)
+    return softmax(np.stack([-d, d], axis=1) if d.ndim == 1 else d)
 
 
 def full_scores(estimator, X: np.ndarray, n_classes: int) -> np.ndarray:

@@ -10,6 +10,7 @@ from sklearn.utils._available_if import available_if
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ..metrics import softmax
 from ..splits import stratified_holdout
 
 __all__ = ["AUTO_EARLY_STOPPING_ROWS", "early_stopping_split", "auto_epochs", "class_weights", "TorchHead", "LinearWeights"]
@@ -127,10 +128,7 @@ class TorchHead(ClassifierMixin, BaseEstimator):
 
     @available_if(lambda est: est._has_proba)
     def predict_proba(self, X) -> np.ndarray:
-        z = self._checked_logits(X)
-        z = z - z.max(axis=1, keepdims=True)
-        p = np.exp(z)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self._checked_logits(X))
 
     def predict(self, X) -> np.ndarray:
         z = self._checked_logits(X)
