@@ -173,7 +173,7 @@ def _wait_for_rows(proc, journal, min_rows: int, timeout: float = 120.0) -> int:
 @pytest.fixture(scope="module")
 def many_images(tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
-    imgs = make_image_folder(root / "imgs", per_class=80, size=(24, 20))
+    imgs = make_image_folder(root / "imgs", per_class=400, size=(24, 20))  # ~3 s to extract: a signal lands mid-run
     (imgs / "class1" / "zero.png").write_bytes(b"")
     ref = root / "ref.h5"
     extract(str(imgs), ExtractConfig(model="test_efficientnet", batch_size=4, img_size=64, workers=0, progress=False), ref)
