@@ -24,11 +24,17 @@ def lite0_weights() -> str:
 
 
 def cifar10_dir(tar: str | Path = CIFAR_TAR) -> Path:
-    """Unpack ../shared/data/cifar10-jpeg.tar.gz once into the cache; returns the ImageFolder root."""
+    """The ImageFolder root (train/, test/) of CIFAR-10's JPEGs: ``tar`` itself when it is that folder (or holds it as
+    cifar10-jpeg/), else the archive ``tar`` (default ../shared/data/cifar10-jpeg.tar.gz beside the checkout) unpacked once
+    into the cache."""
+    for folder in (Path(tar), Path(tar) / "cifar10-jpeg"):
+        if (folder / "train").is_dir() and (folder / "test").is_dir():
+            return folder
     root = CACHE / "cifar10-jpeg"
     if not (root / "test").is_dir():
         if not Path(tar).is_file():
-            raise SystemExit(f"CIFAR-10 archive not found at {tar}; pass --cifar-tar")
+            raise SystemExit(f"CIFAR-10 archive not found at {tar}; pass --cifar-tar ARCHIVE (cifar10-jpeg.tar.gz) or "
+                             "--cifar-tar FOLDER (its unpacked train/ and test/)")
         CACHE.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tar) as t:
             t.extractall(CACHE, filter="data")

@@ -32,7 +32,8 @@ def _run(capsys, *argv):
 
 def test_compare_two_backbones_two_heads_then_the_cache(images, tmp_path, capsys, caplog, monkeypatch):
     out = tmp_path / "cmp"
-    args = ["compare", images, "--model", "test_resnet", "--model", "test_efficientnet", "--heads", "logreg,ncm", "--out", out, *FAST]
+    args = ["compare", images, "--model", "test_resnet=random", "--model", "test_efficientnet=random", "--heads", "logreg,ncm",
+            "--out", out, *FAST]
     with caplog.at_level(logging.INFO):
         rc, stdout, err = _run(capsys, *args)
     assert rc == 0, err
@@ -62,14 +63,15 @@ def test_compare_two_backbones_two_heads_then_the_cache(images, tmp_path, capsys
     assert "2 backbones and 4 heads cached" in caplog.text
     assert "Cache hit" not in stdout and list(csv.DictReader(open(out / "leaderboard.csv"))) == rows
     monkeypatch.undo()
-    more = ["compare", images, "--model", "test_resnet", "--model", "test_efficientnet", "--heads", "logreg,ncm,ridge", "--out", out, *FAST]
+    more = ["compare", images, "--model", "test_resnet=random", "--model", "test_efficientnet=random", "--heads", "logreg,ncm,ridge",
+            "--out", out, *FAST]
     rc, stdout, err = _run(capsys, *more)  # one more head: only it is fitted
     assert rc == 0 and len(list(csv.DictReader(open(out / "leaderboard.csv")))) == 6
 
 
 def test_compare_an_existing_store(images, tmp_path, capsys):
     out = tmp_path / "a"
-    assert _run(capsys, "compare", images, "--model", "test_resnet", "--heads", "ncm", "--out", out, *FAST)[0] == 0
+    assert _run(capsys, "compare", images, "--model", "test_resnet=random", "--heads", "ncm", "--out", out, *FAST)[0] == 0
     rc, stdout, err = _run(capsys, "compare", out / "features.h5", "--heads", "ridge", "--out", tmp_path / "b", "--no-progress")
     assert rc == 0, err
     assert [r["head"] for r in csv.DictReader(open(tmp_path / "b" / "leaderboard.csv"))] == ["ridge"]
@@ -77,7 +79,7 @@ def test_compare_an_existing_store(images, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--model", "resnet5O"], "unknown timm model 'resnet5O'"),
-    (["--model", "test_resnet", "--heads", "logreg,svm"], "unknown head svm"),
+    (["--model", "test_resnet=random", "--heads", "logreg,svm"], "unknown head svm"),
     (["--model", "test_resnet=missing.pth"], "checkpoint 'missing.pth' does not exist"),
     ([], "name at least one backbone"),
 ])
@@ -92,12 +94,13 @@ def test_unlabelled_source_and_mixed_store_are_refused(images, tmp_path, capsys)
     flat.mkdir()
     for p in list((images / "train" / "class0").iterdir())[:3]:
         (flat / p.name).write_bytes(p.read_bytes())
-    rc, _, err = _run(capsys, "compare", flat, "--model", "test_resnet", "--out", tmp_path / "c", *FAST)
+    rc, _, err = _run(capsys, "compare", flat, "--model", "test_resnet=random", "--out", tmp_path / "c", *FAST)
     assert rc == 2 and "has no labels" in err
     store = tmp_path / "mixed.h5"
-    assert main(["extract", str(images), "--model", "test_resnet", "--out", str(store), *FAST]) == 0
+    assert main(["extract", str(images), "--model", "test_resnet", "--weights", "random", "--out", str(store), *FAST]) == 0
     other = make_image_folder(tmp_path / "other", per_class=3)
-    assert main(["extract", str(other), "--model", "test_resnet", "--key", "other", "--out", str(store), *FAST]) == 0
+    assert main(["extract", str(other), "--model", "test_resnet", "--weights", "random", "--key", "other", "--out", str(store),
+                 *FAST]) == 0
     capsys.readouterr()
     rc, _, err = _run(capsys, "compare", store, "--out", tmp_path / "d", "--no-progress")
     assert rc == 2 and "another image list" in err
@@ -113,7 +116,7 @@ def test_a_weights_file_that_does_not_fit_is_a_one_line_error(images, tmp_path, 
 
 
 def test_python_api(images, tmp_path):
-    result = compare(str(images), CompareConfig(models=["test_resnet"], heads="ncm", img_size=32, workers=0, progress=False), tmp_path)
+    result = compare(str(images), CompareConfig(models=["test_resnet=random"], heads="ncm", img_size=32, workers=0, progress=False), tmp_path)
     assert [r["head"] for r in result.leaderboard.rows] == ["ncm"] and result.done["extracted"] == 1
 
 

@@ -40,7 +40,7 @@ def test_extraction_still_writes_what_release_0_1_0_wrote(tmp_path):
     imgs = make_image_folder(tmp_path / "images", per_class=4, splits=("train",))
     make_image_folder(tmp_path / "images", per_class=2, splits=("test",), seed=1000)
     (imgs / "train" / "class1" / "broken.png").write_bytes(b"not an image")
-    config = ExtractConfig(model="test_resnet", img_size=32, batch_size=4, workers=0, progress=False)
+    config = ExtractConfig(model="test_resnet", weights="random", img_size=32, batch_size=4, workers=0, progress=False)
     extract(str(imgs), config, tmp_path / "f.h5")
     new, old = load_features(tmp_path / "f.h5"), load_features(FIXTURES / "features.h5", "test_resnet")
     assert np.allclose(new.X, old.X, rtol=1e-5, atol=1e-5)  # thread counts may change float rounding

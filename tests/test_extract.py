@@ -35,13 +35,13 @@ def _run(capsys, *args):
 
 
 def _cfg(**kw) -> ExtractConfig:
-    return ExtractConfig(**{"model": "test_resnet", "batch_size": 4, "workers": 0, "img_size": 64, "progress": False, **kw})
+    return ExtractConfig(**{"model": "test_resnet", "weights": "random", "batch_size": 4, "workers": 0, "img_size": 64, "progress": False, **kw})
 
 
 @pytest.fixture
 def store(tmp_path, image_folder, capsys):
     out = tmp_path / "f.h5"
-    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--out", out, *FAST)
+    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--weights", "random", "--out", out, *FAST)
     assert rc == 0 and "Extracted 12 images" in summary and "0 skipped" in summary and str(out) in summary
     return out
 
@@ -51,17 +51,17 @@ def test_cache_hit_does_no_work(store, image_folder, capsys):
     result = extract(str(image_folder), _cfg(workers=1), store)  # decoding workers are not part of the key
     assert result.cache_hit and result.n_processed == 0 and result.n_rows == 12
     assert _sha(store) == before
-    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--out", store, *FAST)
+    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--weights", "random", "--out", store, *FAST)
     assert rc == 0 and summary.startswith("Cache hit") and _sha(store) == before
 
 
 @pytest.mark.parametrize("change, field", [("weights", "weights_sha256"), ("img_size", "img_size"), ("images", "image_list_sha256")])
 def test_key_conflict_is_refused(store, image_folder, tmp_path, capsys, change, field):
-    args = [image_folder, "--model", "test_resnet", "--out", store, *FAST]
+    args = [image_folder, "--model", "test_resnet", "--weights", "random", "--out", store, *FAST]
     if change == "weights":
         torch.manual_seed(7)
         torch.save(timm.create_model("test_resnet").state_dict(), tmp_path / "other.pth")
-        args += ["--weights", tmp_path / "other.pth"]
+        args[args.index("random")] = tmp_path / "other.pth"
     elif change == "img_size":
         args[args.index("64")] = "96"
     else:
@@ -79,9 +79,9 @@ def test_key_conflict_is_refused(store, image_folder, tmp_path, capsys, change, 
 
 def test_overwrite_replaces_the_group(store, image_folder, capsys):
     old = load_features(store)
-    rc, _, _ = _run(capsys, image_folder, "--model", "test_vit", "--out", store, "--key", "vit", *FAST)
+    rc, _, _ = _run(capsys, image_folder, "--model", "test_vit", "--weights", "random", "--out", store, "--key", "vit", *FAST)
     vit = load_features(store, "vit")
-    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--out", store, "--overwrite",
+    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--weights", "random", "--out", store, "--overwrite",
                            *[a if a != "64" else "96" for a in FAST])
     assert rc == 0 and "Extracted 12 images" in summary
     with FeatureStore(store) as s:
@@ -92,7 +92,8 @@ def test_overwrite_replaces_the_group(store, image_folder, capsys):
 
 
 def test_host_preprocessing_run(store, image_folder, capsys):
-    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--out", store, "--preprocess", "host", "--key", "host", *FAST)
+    rc, summary, _ = _run(capsys, image_folder, "--model", "test_resnet", "--weights", "random", "--out", store, "--preprocess", "host",
+                           "--key", "host", *FAST)
     assert rc == 0 and "Extracted 12 images" in summary
     with FeatureStore(store) as s:
         host, dev = s.read("host").X, s.read("test_resnet").X
@@ -114,7 +115,7 @@ def test_host_preprocessing_run(store, image_folder, capsys):
     ("fp16_on_cpu", "fp16 compute is not supported on CPU"),
 ])
 def test_user_errors_are_one_line_exit_2_and_lose_nothing(store, image_folder, tmp_path, capsys, case, message):
-    src, model, out, extra = image_folder, "test_resnet", store, []
+    src, model, out, extra, weights = image_folder, "test_resnet", store, [], ["--weights", "random"]
     if case == "missing_source":
         src = tmp_path / "nope"
     elif case == "empty_folder":
@@ -126,10 +127,10 @@ def test_user_errors_are_one_line_exit_2_and_lose_nothing(store, image_folder, t
     elif case == "unknown_model":
         model = "test_resnett"
     elif case == "bad_weights":
-        extra = ["--weights", tmp_path / "missing.pth"]
+        weights = ["--weights", tmp_path / "missing.pth"]
     elif case == "garbage_weights":
         (tmp_path / "garbage.pth").write_bytes(b"\x80\x04garbage")
-        extra = ["--weights", tmp_path / "garbage.pth"]
+        weights = ["--weights", tmp_path / "garbage.pth"]
     elif case == "out_folder_missing":
         out = tmp_path / "no" / "such" / "f.h5"
     elif case == "out_is_folder":
@@ -141,7 +142,7 @@ def test_user_errors_are_one_line_exit_2_and_lose_nothing(store, image_folder, t
     elif case == "fp16_on_cpu":
         extra = ["--precision", "fp16", "--device", "cpu", "--key", "half"]
     before = {p: _sha(p) for p in tmp_path.rglob("*") if p.is_file()}
-    rc, stdout, err = _run(capsys, src, "--model", model, "--out", out, *FAST, *extra)
+    rc, stdout, err = _run(capsys, src, "--model", model, *weights, "--out", out, *FAST, *extra)
     assert rc == 2 and stdout == ""
     assert err.startswith("featx extract: error: ") and err.count("\n") == 1 and message in err, err
     assert {p: _sha(p) for p in tmp_path.rglob("*") if p.is_file()} == before  # nothing written, nothing lost
@@ -176,7 +177,7 @@ def many_images(tmp_path_factory):
     imgs = make_image_folder(root / "imgs", per_class=400, size=(24, 20))  # ~3 s to extract: a signal lands mid-run
     (imgs / "class1" / "zero.png").write_bytes(b"")
     ref = root / "ref.h5"
-    extract(str(imgs), ExtractConfig(model="test_efficientnet", batch_size=4, img_size=64, workers=0, progress=False), ref)
+    extract(str(imgs), ExtractConfig(model="test_efficientnet", weights="random", batch_size=4, img_size=64, workers=0, progress=False), ref)
     return imgs, load_features(ref)
 
 
@@ -191,7 +192,8 @@ def test_sigkill_then_resume(tmp_path, many_images, capsys):
     out = tmp_path / "f.h5"
     extract(str(imgs), _cfg(key="other"), out)  # the store already holds another group
     other, before = load_features(out, "other"), _sha(out)
-    args = [imgs, "--model", "test_efficientnet", "--out", out, "--batch-size", "4", "--img-size", "64", "--no-progress"]
+    args = [imgs, "--model", "test_efficientnet", "--weights", "random", "--out", out, "--batch-size", "4", "--img-size", "64",
+            "--no-progress"]
     proc = _start(args, tmp_path)
     journal = journal_path(out, "test_efficientnet")
     try:
@@ -216,7 +218,8 @@ def test_sigkill_then_resume(tmp_path, many_images, capsys):
 def test_ctrl_c_gives_one_line_exit_130_and_resumes(tmp_path, many_images, capsys):
     imgs, ref = many_images
     out = tmp_path / "f.h5"
-    args = [imgs, "--model", "test_efficientnet", "--out", out, "--batch-size", "4", "--img-size", "64", "--no-progress"]
+    args = [imgs, "--model", "test_efficientnet", "--weights", "random", "--out", out, "--batch-size", "4", "--img-size", "64",
+            "--no-progress"]
     proc = _start(args, tmp_path)
     try:
         _wait_for_rows(proc, journal_path(out, "test_efficientnet"), 8)

@@ -208,7 +208,7 @@ def test_extract_reads_the_finetuned_checkpoint(run, data, tmp_path, capsys):
     out, _ = run
     args = ["extract", str(data), "--model", "test_efficientnet", "--img-size", "32", "--no-progress", "--workers", "0"]
     assert main(args + ["--weights", str(out / "last.pt"), "--out", str(tmp_path / "ft.h5")]) == 0
-    assert main(args + ["--out", str(tmp_path / "random.h5")]) == 0
+    assert main(args + ["--weights", "random", "--out", str(tmp_path / "random.h5")]) == 0
     import h5py
 
     with h5py.File(tmp_path / "ft.h5") as f1, h5py.File(tmp_path / "random.h5") as f2:
@@ -243,8 +243,8 @@ def test_linear_map_folds_preprocessing_into_the_weights(steps, n_classes):
 def features(data, tmp_path_factory):
     """test_resnet features of ``data`` cached by featx extract (32 px, fp32)."""
     out = tmp_path_factory.mktemp("feat") / "features.h5"
-    assert main(["extract", str(data), "--model", "test_resnet", "--img-size", "32", "--out", str(out), "--workers", "0",
-                 "--no-progress"]) == 0
+    assert main(["extract", str(data), "--model", "test_resnet", "--weights", "random", "--img-size", "32", "--out", str(out),
+                 "--workers", "0", "--no-progress"]) == 0
     return out
 
 

@@ -28,7 +28,7 @@ def test_device_preprocessing_on_cuda_matches_cpu():
 
 
 def test_extract_on_cuda_matches_cpu(image_folder, tmp_path):
-    common = dict(model="test_resnet", img_size=64, progress=False, batch_size=4)
+    common = dict(model="test_resnet", weights="random", img_size=64, progress=False, batch_size=4)
     extract(image_folder, ExtractConfig(device="cpu", precision="fp32", **common), tmp_path / "cpu.h5")
     extract(image_folder, ExtractConfig(device="cuda", precision="fp32", **common), tmp_path / "gpu.h5")
     extract(image_folder, ExtractConfig(device="cuda", precision="bf16", **common), tmp_path / "bf16.h5")

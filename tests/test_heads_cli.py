@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def digits_store(tmp_path_factory):
     out = tmp_path_factory.mktemp("digits_cli") / "digits.h5"
-    extract("digits", ExtractConfig(model="test_resnet", img_size=32, workers=0, batch_size=256, progress=False), out)
+    extract("digits", ExtractConfig(model="test_resnet", weights="random", img_size=32, workers=0, batch_size=256, progress=False), out)
     return out
 
 

@@ -123,7 +123,7 @@ def test_extract_completes_over_every_bad_input(tmp_path, monkeypatch, capsys):
     write_image(tmp_path / "src" / "fine" / "a.png", (200, 0, 0))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 'big.png' (4096 px) trips the guard; the rest are smaller
     out = tmp_path / "f.h5"
-    rc = main(["extract", str(tmp_path / "src"), "--model", "test_resnet", "--out", str(out), "--workers", "0",
+    rc = main(["extract", str(tmp_path / "src"), "--model", "test_resnet", "--weights", "random", "--out", str(out), "--workers", "0",
                "--batch-size", "4", "--no-progress"])
     assert rc == 0
     summary = capsys.readouterr().out

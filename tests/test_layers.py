@@ -18,7 +18,7 @@ from featx.embedder import ImageEmbedder
 from featx.heads import HEADS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-FAST = dict(img_size=64, batch_size=8, workers=0, progress=False)
+FAST = dict(weights="random", img_size=64, batch_size=8, workers=0, progress=False)
 
 
 @pytest.mark.parametrize("name", ["test_resnet", "test_efficientnet", "test_vit"])
@@ -80,8 +80,8 @@ def test_store_records_taps_and_the_cache_key_includes_them(image_folder, tmp_pa
         assert attrs["layers"] == "last,-1,-2" and attrs["tta"] == "flip" and store.read("stages").X.shape == (12, 96 + 96 + 192)
         assert [t["tap"] for t in json.loads(attrs["taps"])] == ["last", "-1", "-2"]
         assert store.attrs("test_resnet")["layers"] == "last"
-    rc = main(["extract", str(image_folder), "--model", "test_resnet", "--layers", "last,-1", "--out", str(out), "--key", "stages",
-               "--img-size", "64", "--workers", "0", "--no-progress"])
+    rc = main(["extract", str(image_folder), "--model", "test_resnet", "--weights", "random", "--layers", "last,-1", "--out", str(out),
+               "--key", "stages", "--img-size", "64", "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "different layers, tta" in err  # a changed tap list is never a stale cache hit
 
@@ -89,8 +89,8 @@ def test_store_records_taps_and_the_cache_key_includes_them(image_folder, tmp_pa
 def test_a_stage_the_model_does_not_have_is_a_one_line_error(image_folder, tmp_path, capsys):
     for layers, fragment in (("last,-9", "has 5 stages; use -1 .. -5"), ("last,first", "unknown --layers entry 'first'"),
                              ("-1,-1", "names '-1' twice"), ("last,b-1", "has no block taps")):
-        rc = main(["extract", str(image_folder), "--model", "test_resnet", "--layers", layers, "--out", str(tmp_path / "f.h5"),  # '-1,-1' too
-                   "--workers", "0", "--no-progress"])
+        rc = main(["extract", str(image_folder), "--model", "test_resnet", "--weights", "random", "--layers", layers,  # '-1,-1' too
+                   "--out", str(tmp_path / "f.h5"), "--workers", "0", "--no-progress"])
         err = capsys.readouterr().err
         assert rc == 2 and fragment in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "f.h5").exists()

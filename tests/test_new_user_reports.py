@@ -53,14 +53,14 @@ def test_csv_with_paths_relative_to_the_working_directory_is_refused_at_once(tmp
     (tmp_path / "lists").mkdir()
     (tmp_path / "lists" / "m.csv").write_text("path,label\nimages/class0/000.png,a\nimages/class1/000.png,b\n")
     monkeypatch.chdir(tmp_path)
-    rc, _, err = run(capsys, "extract", "lists/m.csv", "--model", "test_resnet", "--out", "f.h5", *FAST)
+    rc, _, err = run(capsys, "extract", "lists/m.csv", "--model", "test_resnet", "--weights", "random", "--out", "f.h5", *FAST)
     one_line_error(rc, err, "extract", "relative to its folder", "write them relative to the CSV, or absolute")
     assert not (tmp_path / "f.h5").exists()
 
 
 def test_extract_fails_when_no_image_can_be_read_and_writes_nothing(tmp_path, capsys):
     (tmp_path / "m.csv").write_text("path,label\ngone/a.png,a\ngone/b.png,b\n")
-    rc, _, err = run(capsys, "extract", tmp_path / "m.csv", "--model", "test_resnet", "--out", tmp_path / "f.h5", *FAST)
+    rc, _, err = run(capsys, "extract", tmp_path / "m.csv", "--model", "test_resnet", "--weights", "random", "--out", tmp_path / "f.h5", *FAST)
     one_line_error(rc, err, "extract", "none of the 2 images", "file not found", "relative to the CSV's folder", "nothing was written")
     assert not (tmp_path / "f.h5").exists() and not list(tmp_path.glob("f.h5*"))
 
@@ -69,7 +69,7 @@ def test_extract_warns_loudly_when_many_images_are_skipped(tmp_path, capsys, cap
     imgs = make_image_folder(tmp_path / "images", per_class=3)
     (imgs / "class0" / "zz.png").write_bytes(b"")
     with caplog.at_level(logging.WARNING):
-        assert run(capsys, "extract", imgs, "--model", "test_resnet", "--out", tmp_path / "f.h5", *FAST)[0] == 0
+        assert run(capsys, "extract", imgs, "--model", "test_resnet", "--weights", "random", "--out", tmp_path / "f.h5", *FAST)[0] == 0
     assert "1 of 10 images (10%) could not be read" in caplog.text
 
 
@@ -133,7 +133,7 @@ def test_true_label_and_accuracy_stay_when_the_folder_holds_some_of_the_classes(
 def test_predict_top_k_split_column_and_accuracy_per_split(tmp_path, capsys):
     root = make_image_folder(tmp_path / "imgs", n_classes=6, per_class=4, splits=("train",))
     make_image_folder(root, n_classes=6, per_class=2, splits=("test",), seed=900)
-    assert run(capsys, "extract", root, "--model", "test_resnet", "--out", tmp_path / "f.h5", *FAST)[0] == 0
+    assert run(capsys, "extract", root, "--model", "test_resnet", "--weights", "random", "--out", tmp_path / "f.h5", *FAST)[0] == 0
     assert run(capsys, "fit-head", tmp_path / "f.h5", "--head", "logreg", "--out", tmp_path / "head")[0] == 0
     rc, out, err = run(capsys, "predict", tmp_path / "head", root, "--out", tmp_path / "p.csv", "--workers", "0", "--no-progress")
     assert rc == 0, err
@@ -154,13 +154,14 @@ def test_unlabelled_test_split_is_skipped_and_the_training_split_can_be_held_out
         split, cls = rel.parts[0], rel.parts[1]
         lines.append(f"{rel},{cls if split == 'train' else ''},{split}")
     (split_folder / "m.csv").write_text("\n".join(lines) + "\n")
-    assert run(capsys, "extract", split_folder / "m.csv", "--model", "test_resnet", "--out", tmp_path / "f.h5", *FAST)[0] == 0
+    assert run(capsys, "extract", split_folder / "m.csv", "--model", "test_resnet", "--weights", "random", "--out", tmp_path / "f.h5",
+               *FAST)[0] == 0
     rc, out, err = run(capsys, "fit-head", tmp_path / "f.h5", "--head", "logreg", "--out", tmp_path / "h", "--json")
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["test_split"] is None and "hold-out of 'train'" in result["test_split_description"]
     labelled = tmp_path / "labelled.h5"
-    assert run(capsys, "extract", split_folder, "--model", "test_resnet", "--out", labelled, *FAST)[0] == 0
+    assert run(capsys, "extract", split_folder, "--model", "test_resnet", "--weights", "random", "--out", labelled, *FAST)[0] == 0
     rc, out, err = run(capsys, "fit-head", labelled, "--head", "logreg", "--out", tmp_path / "h2", "--test-split", "train", "--json")
     assert rc == 0, err
     result = json.loads(out.strip().splitlines()[-1])
@@ -253,7 +254,7 @@ def test_classes_on_one_side_only_are_named_before_fitting(tmp_path, capsys, cap
     make_image_folder(root, n_classes=3, per_class=2, splits=("test",), seed=400)
     shutil.rmtree(root / "train" / "class2")
     shutil.rmtree(root / "test" / "class1")
-    assert run(capsys, "extract", root, "--model", "test_resnet", "--out", tmp_path / "f.h5", *FAST)[0] == 0
+    assert run(capsys, "extract", root, "--model", "test_resnet", "--weights", "random", "--out", tmp_path / "f.h5", *FAST)[0] == 0
     with caplog.at_level(logging.WARNING):
         assert run(capsys, "fit-head", tmp_path / "f.h5", "--head", "ncm", "--out", tmp_path / "h")[0] == 0
     assert "only in the test rows, which the head can never predict: class2" in caplog.text

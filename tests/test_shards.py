@@ -50,7 +50,7 @@ def write_shards(folder: Path, out_dir: Path, prefix: str = "train", n_shards: i
 
 
 def _cfg(**kw) -> ExtractConfig:
-    return ExtractConfig(**{"model": "test_resnet", "batch_size": 4, "img_size": 64, "workers": 0, "progress": False, **kw})
+    return ExtractConfig(**{"model": "test_resnet", "weights": "random", "batch_size": 4, "img_size": 64, "workers": 0, "progress": False, **kw})
 
 
 def test_shards_give_the_features_of_the_same_images_in_a_folder(tmp_path):

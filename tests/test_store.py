@@ -25,7 +25,7 @@ METADATA = ("model", "weights_sha256", "data_config", "img_size", "pooling", "dt
 
 def _cfg(model="test_resnet", **kw) -> ExtractConfig:
     """Small and fast: 64 px input, no decoding workers, batches of 4."""
-    kw = {"batch_size": 4, "workers": 0, "img_size": 64, "progress": False, **kw}
+    kw = {"weights": "random", "batch_size": 4, "workers": 0, "img_size": 64, "progress": False, **kw}
     return ExtractConfig(model=model, **kw)
 
 

@@ -27,7 +27,7 @@ EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
 
 
 def _cfg(model="test_resnet", **kw) -> ExtractConfig:
-    return ExtractConfig(**{"model": model, "batch_size": 4, "img_size": 32, "workers": 0, "progress": False, **kw})
+    return ExtractConfig(**{"model": model, "weights": "random", "batch_size": 4, "img_size": 32, "workers": 0, "progress": False, **kw})
 
 
 def _hashes(out: Path) -> dict[str, str]:
@@ -116,7 +116,8 @@ def _run(capsys, *args):
 @pytest.mark.parametrize("change", ["replaced", "removed", "relabelled"])
 def test_a_changed_image_is_never_a_silent_cache_hit(tmp_path, image_folder, capsys, change):
     out = tmp_path / "f.h5"
-    args = [image_folder, "--model", "test_resnet", "--out", out, "--img-size", "32", "--batch-size", "4", "--no-progress"]
+    args = [image_folder, "--model", "test_resnet", "--weights", "random", "--out", out, "--img-size", "32", "--batch-size", "4",
+            "--no-progress"]
     assert _run(capsys, *args)[0] == 0
     target = image_folder / "class0" / "001.png"
     stat = target.stat()
@@ -150,8 +151,8 @@ def test_several_models_in_one_pass_equal_separate_runs_and_decode_once(tmp_path
     decode = source_module.decode_image
     monkeypatch.setattr(source_module, "decode_image", lambda data: calls.append(1) or decode(data))
     both = tmp_path / "both.h5"
-    rc, stdout, _ = _run(capsys, image_folder, "--model", "test_resnet", "--model", "test_vit", "--out", both, "--img-size", "32",
-                         "--batch-size", "4", "--no-progress", "--json")
+    rc, stdout, _ = _run(capsys, image_folder, "--model", "test_resnet", "--model", "test_vit", "--weights", "random", "--weights",
+                         "random", "--out", both, "--img-size", "32", "--batch-size", "4", "--no-progress", "--json")
     assert rc == 0 and stdout.count("Extracted 13 images") == 2
     assert len(calls) == 13  # each of the 13 files decoded once for both models (the empty one fails there)
     monkeypatch.undo()
@@ -199,7 +200,7 @@ CHILD = textwrap.dedent("""
         JournalWriter.write_batch = write_batch
     else:
         setattr(_layout.StoreCommit, point, kill)
-    cfg = featx.ExtractConfig(model=sys.argv[4], batch_size=4, img_size=32, workers=0, progress=False)
+    cfg = featx.ExtractConfig(model=sys.argv[4], weights="random", batch_size=4, img_size=32, workers=0, progress=False)
     featx.extract(sys.argv[2], cfg, sys.argv[3])
 """)
 

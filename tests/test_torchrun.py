@@ -19,7 +19,7 @@ from featx.store import journal_path
 
 from conftest import make_image_folder
 
-ARGS = ["--batch-size", "4", "--img-size", "64", "--no-progress"]
+ARGS = ["--weights", "random", "--batch-size", "4", "--img-size", "64", "--no-progress"]
 
 
 def _torchrun(args, cwd: Path, tag: str = "") -> subprocess.Popen:
@@ -57,7 +57,7 @@ def images(tmp_path_factory):
     make_image_folder(imgs, per_class=3, splits=("test",), size=(24, 20), seed=500)
     (imgs / "train" / "class1" / "broken.png").write_bytes(b"not an image")
     ref = root / "ref.h5"
-    extract(str(imgs), ExtractConfig(model="test_resnet", batch_size=4, img_size=64, workers=0, progress=False), ref)
+    extract(str(imgs), ExtractConfig(model="test_resnet", weights="random", batch_size=4, img_size=64, workers=0, progress=False), ref)
     return imgs, ref
 
 
@@ -104,7 +104,7 @@ def _rows(journal: Path, key: str) -> int:
 def test_kill_one_rank_then_rerun_resumes_every_rank_from_its_journal(tmp_path, images):
     imgs = make_image_folder(tmp_path / "imgs", per_class=40, size=(24, 20))
     ref = tmp_path / "ref.h5"
-    extract(str(imgs), ExtractConfig(model="test_efficientnet", batch_size=4, img_size=64, workers=0, progress=False), ref)
+    extract(str(imgs), ExtractConfig(model="test_efficientnet", weights="random", batch_size=4, img_size=64, workers=0, progress=False), ref)
     out, tag = tmp_path / "f.h5", uuid.uuid4().hex
     args = [imgs, "--model", "test_efficientnet", "--out", out, *ARGS]
     proc = _torchrun(args, tmp_path, tag)

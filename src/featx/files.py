@@ -10,10 +10,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "jsonable", "replace_folder", "safe_name", "public_mode"]
+from .errors import FeatxError
+
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "jsonable", "replace_folder", "safe_name", "public_mode",
+           "check_writable"]
 
 
 def _temporary(path: Path, tag: str = "tmp") -> Path:
@@ -86,3 +90,27 @@ def public_mode(path: str | os.PathLike) -> None:
 def safe_name(text: str) -> str:
     """``text`` with every character that is not safe in a file name replaced by ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def check_writable(path: str | os.PathLike, *, option: str, folder: bool = False) -> None:
+    """Raise :class:`FeatxError` unless the output ``path`` (a file, or with ``folder`` a folder that may not exist yet)
+    can be written, by creating and removing a file where it would go: a command says so before doing any work."""
+    path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise FeatxError(f"{option} '{path}' is a file; pass a folder")
+    if not folder and path.is_dir():
+        raise FeatxError(f"{option} '{path}' is a folder; pass a file path such as {path / 'predictions.csv'}")
+    where = path if folder else path.parent
+    where = Path(os.path.abspath(where))
+    while not where.exists() and folder and where != where.parent:  # folders are created with their parents
+        where = where.parent
+    if not where.is_dir():
+        what = "does not exist" if not where.exists() else "is a file"
+        raise FeatxError(f"cannot write {option} '{path}': '{where}' {what}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=where, prefix=".featx-write-check-")
+    except OSError as e:
+        raise FeatxError(f"cannot write {option} '{path}': '{where}' is not writable ({e.strerror or e}); choose another "
+                         "location") from None
+    os.close(fd)
+    os.unlink(probe)

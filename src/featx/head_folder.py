@@ -30,10 +30,11 @@ from sklearn.decomposition import PCA
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import Normalizer, StandardScaler
 
-from .errors import FeatxError
+from .errors import FeatxError, load_failure, shell_command
 from .files import jsonable, replace_folder, write_json_atomic
 from .heads import full_scores, is_torch_head
 from .heads._registry import torch_head_class
+from .images import looks_like_image_folder
 
 __all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "save_head", "check_head_folder"]
 
@@ -52,12 +53,26 @@ def _read_sidecar(path: Path) -> dict:
     try:
         meta = json.loads((path / SIDECAR).read_text())
     except FileNotFoundError:
-        raise FeatxError(f"'{path}' holds no featx head ({SIDECAR} missing); create one with 'featx fit-head FEATURES.h5 --head NAME --out {path}'") from None
+        raise FeatxError(_not_a_head(path)) from None
     except (OSError, json.JSONDecodeError) as e:
         raise FeatxError(f"cannot read '{path / SIDECAR}': {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise FeatxError(f"'{path / SIDECAR}' is not a {FORMAT} head sidecar")
     return meta
+
+
+def _not_a_head(path: Path) -> str:
+    """Why ``path`` is not a head folder, suggesting a command that writes one only where that is safe."""
+    made_by = shell_command("featx", "fit-head", "FEATURES.h5", "--head", "NAME", "--out", "HEAD_DIR")
+    if looks_like_image_folder(path):
+        return (f"'{path}' is an image folder, not a head folder; HEAD_DIR, the folder '{made_by}' wrote, comes first "
+                "(featx predict HEAD_DIR SOURCE, featx evaluate HEAD_DIR FEATURES.h5)")
+    if path.is_file():
+        return f"'{path}' is a file, not a head folder; pass the folder '{made_by}' wrote (HEAD_DIR comes first)"
+    if path.is_dir() and any(path.iterdir()):
+        return f"'{path}' holds no featx head ({SIDECAR} missing); pass the folder '{made_by}' wrote"
+    command = shell_command("featx", "fit-head", "FEATURES.h5", "--head", "NAME", "--out", path)
+    return f"head folder '{path}' {'is empty' if path.is_dir() else 'does not exist'}; create it with '{command}'"
 
 
 def check_head_folder(out: Path, request: dict, overwrite: bool) -> None:
@@ -202,7 +217,7 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
     """Read a head folder written by ``featx fit-head``. joblib heads must come from a trusted source."""
     path = Path(path)
     if not path.is_dir():
-        raise FeatxError(f"head folder '{path}' does not exist; create it with 'featx fit-head FEATURES.h5 --head NAME --out {path}'")
+        raise FeatxError(_not_a_head(path))
     meta = _read_sidecar(path)
     ser = meta.get("serialization", {})
     file = path / ser.get("file", "")
@@ -223,7 +238,7 @@ def _read_torch_head(file: Path, meta: dict, path: Path) -> Pipeline:
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise FeatxError(f"cannot read '{file}': {str(e).splitlines()[0][:200]}") from None
+        raise FeatxError(f"cannot read '{file}': {load_failure(e)}; refit the head") from None
     ser, dim = meta["serialization"], int(meta["feature_dim"])
     steps = [(s["name"], _rebuild_step(s, state, dim)) for s in ser["steps"]]
     try:

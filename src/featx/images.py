@@ -7,6 +7,7 @@ grayscale/palette/alpha/CMYK/16-bit modes and Pillow's decompression-bomb guard.
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 
@@ -15,7 +16,30 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import BadImage
 
-__all__ = ["open_image", "decode_image", "to_rgb"]
+__all__ = ["open_image", "decode_image", "to_rgb", "IMG_EXTENSIONS", "looks_like_image_folder"]
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+def looks_like_image_folder(path: str | Path, depth: int = 3, budget: int = 2000) -> bool:
+    """True for a folder with image files in it or up to ``depth`` levels down (``<split>/<class>/<image>``), looking at
+    no more than ``budget`` entries: what a user passed where a store or a head folder was expected."""
+    folders = [Path(path)] if Path(path).is_dir() else []
+    for _ in range(depth):
+        below = []
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))[:budget]
+            except OSError:
+                continue
+            budget -= len(entries)
+            if any(e.name.lower().endswith(IMG_EXTENSIONS) and e.is_file() for e in entries):
+                return True
+            below += [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+            if budget <= 0:
+                return False
+        folders = below
+    return False
 
 
 def open_image(path: str | Path) -> Image.Image:

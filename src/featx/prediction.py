@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .configs import PredictConfig
 from .embedder import ImageEmbedder
 from .errors import FeatxError
-from .files import atomic_path
+from .files import atomic_path, check_writable
 from .head_folder import LoadedHead, load_head
 from .metrics import softmax
 from .run_folder import LoadedRun, is_run_folder, load_run
@@ -71,10 +71,7 @@ def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, 
     config = config or PredictConfig()
     t0 = time.perf_counter()
     out = Path(out)
-    if out.is_dir():
-        raise FeatxError(f"--out '{out}' is a folder; pass a CSV file path such as {out / 'predictions.csv'}")
-    if not (out.parent if str(out.parent) else Path(".")).is_dir():
-        raise FeatxError(f"cannot write --out '{out}': folder '{out.parent}' does not exist")
+    check_writable(out, option="--out")
     if config.top_k is not None and config.top_k < 1:
         raise FeatxError(f"--top-k must be at least 1, got {config.top_k}")
     classifier = _run_classifier(head_dir, config) if is_run_folder(head_dir) else _head_classifier(head_dir, config)

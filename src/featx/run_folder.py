@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import FeatxError
+from .errors import FeatxError, shell_command
 
 __all__ = ["RUN_FILE", "CHECKPOINTS", "LoadedRun", "is_run_folder", "load_run", "not_a_head_message"]
 
@@ -79,7 +79,7 @@ def load_run(path: str | os.PathLike, checkpoint: str | os.PathLike | None = Non
         chosen = next((path / name for name in CHECKPOINTS if (path / name).is_file()), None)
         if chosen is None:
             raise FeatxError(f"the run in '{path}' has no finished epoch ({' and '.join(CHECKPOINTS)} missing); "
-                             f"continue it with 'featx finetune SOURCE --model {meta['config'].get('model')} --out {path} --resume'")
+                             f"continue it with '{shell_command('featx', 'finetune', 'SOURCE', '--model', meta['config'].get('model'), '--out', path, '--resume')}'")
     return LoadedRun(path=path, meta=meta, checkpoint=chosen)
 
 
@@ -87,8 +87,10 @@ def not_a_head_message(path: str | os.PathLike) -> str:
     """Why a run folder cannot score cached features, and the two commands that do what was meant."""
     path = Path(path)
     config = _read_meta(path)["config"]
-    size = f" --img-size {config['img_size']}" if config.get("img_size") else ""
+    size = ["--img-size", config["img_size"]] if config.get("img_size") else []
+    predict = shell_command("featx", "predict", path, "IMAGES", "--out", "predictions.csv")
+    extract = shell_command("featx", "extract", "SOURCE", "--model", config["model"], *size, "--weights", path / CHECKPOINTS[0],
+                            "--out", "FEATURES.h5")
     return (f"'{path}' is a fine-tuning run: its model scores images, not features cached from the original backbone. "
-            f"Score images with 'featx predict {path} IMAGES --out predictions.csv', or cache the fine-tuned backbone's features "
-            f"with 'featx extract SOURCE --model {config['model']}{size} --weights {path / CHECKPOINTS[0]} --out FEATURES.h5' "
+            f"Score images with '{predict}', or cache the fine-tuned backbone's features with '{extract}' "
             "and fit a head on them with 'featx fit-head'")

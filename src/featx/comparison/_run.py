@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from ..configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig
 from ..errors import FeatxError
 from ..extraction import extract
-from ..files import write_text_atomic
+from ..files import check_writable, write_text_atomic
 from ..fitting import fit_head, plan_fit
 from ..heads import HEADS
 from ..sources import ImageSource, resolve_source
@@ -51,8 +51,7 @@ class CompareResult:
 def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out: str | os.PathLike) -> CompareResult:
     """The leaderboard of ``config.models`` x ``config.heads`` (x fine-tuning) on ``source``, or of every group of a store."""
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FeatxError(f"--out '{out}' is a file; pass a folder for the comparison")
+    check_writable(out, option="--out", folder=True)
     heads = parse_heads(config.heads)
     from_store = not isinstance(source, ImageSource) and _is_store(source)
     if from_store:

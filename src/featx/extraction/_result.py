@@ -27,6 +27,7 @@ class ExtractResult:
     added_to: int = 0  # images the group already held when this run added new ones to it
     world_size: int = 1  # processes of the torchrun job
     rank: int = 0  # this process's rank
+    dim: int | None = None  # feature dimension of the group
 
     @property
     def images_per_s(self) -> float:
@@ -38,7 +39,7 @@ class ExtractResult:
     def summary(self) -> str:
         if self.cache_hit:
             return (f"Cache hit: '{self.key}' in {self.out} already holds features for all {self.n_images} images "
-                    f"({self.n_rows} rows, {self.n_skipped} skipped); nothing to do.")
+                    f"({self.n_rows} rows{self._dim(', ')}, {self.n_skipped} skipped); nothing to do.")
         resumed = f" (resumed at image {self.resumed_from})" if self.resumed_from else ""
         if self.rank:
             return (f"Rank {self.rank} of {self.world_size}: embedded {self.n_processed} images{resumed} in {self.seconds:.1f} s "
@@ -50,7 +51,10 @@ class ExtractResult:
                 f"{self.n_rows} feature rows, {self.n_skipped} skipped")
         if self.skipped:
             text += f" ({skip_digest(self.skipped)}; full reasons in the store's skipped list)"
-        return text + f". Features are in {self.out} under '{self.key}'."
+        return text + f". Features{self._dim(' (', ')')} are in {self.out} under '{self.key}'."
+
+    def _dim(self, before: str, after: str = "") -> str:
+        return f"{before}{self.dim}-dimensional{after}" if self.dim else ""
 
 
 def skip_digest(skipped: list[tuple[str, str]], shown: int = 3) -> str:

@@ -83,6 +83,7 @@ def _check_configs(configs: list[ExtractConfig]) -> None:
     if not configs:
         raise FeatxError("no --model given")
     for c in configs:
+        c.validate()
         if c.dtype not in ("float32", "float16"):
             raise FeatxError(f"unknown storage dtype '{c.dtype}'; use float32 or float16")
     keys = [c.key or c.model for c in configs]
@@ -227,7 +228,7 @@ def _all_ranks(ranks: Ranks) -> list[Ranks]:
 
 def _result(job: Job, src: ImageSource, out: Path, ranks: Ranks | None, seconds: float, processed: int, resumed: int) -> ExtractResult:
     common = dict(out=out, key=job.key, n_images=len(src), device=str(job.embedder.device_), precision=job.embedder.precision_,
-                  world_size=ranks.world if ranks else 1, rank=ranks.rank if ranks else 0)
+                  world_size=ranks.world if ranks else 1, rank=ranks.rank if ranks else 0, dim=job.embedder.num_features_)
     attrs = group_attrs(out, job.key) or {}
     n_rows, n_skipped = int(attrs.get("n_rows", 0)), int(attrs.get("n_skipped", 0))
     if job.todo is None:

@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import FitHeadConfig
-from ..errors import FeatxError
-from ..files import jsonable
+from ..errors import FeatxError, shell_command
+from ..files import check_writable, jsonable
 from ..head_folder import BACKBONE_ATTRS, FORMAT, save_head
-from ..heads import HEADS, SweepResult, full_scores, make_head, showing_progress
+from ..heads import HEADS, full_scores, make_head, showing_progress
 from ..metrics import classification_metrics
 from ..provenance import provenance
 from ..store import FeatureStore
@@ -48,16 +48,20 @@ class FitHeadResult:
     test_description: str  # which rows were tested, in words
     sweep: dict | None = None
     n_train_test_duplicates: int | None = None  # test rows whose image (same bytes) is also a training row; None: not recorded
+    dim: int | None = None  # feature dimension the head was fitted on
+    features: str | None = None  # the store, as given
 
     def to_dict(self) -> dict:
         return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
                 "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
                 "test_split": self.test_split, "test_split_description": self.test_description,
                 "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep,
-                "n_train_test_duplicates": self.n_train_test_duplicates, "out": str(self.out)}
+                "n_train_test_duplicates": self.n_train_test_duplicates, "dim": self.dim, "features": self.features,
+                "out": str(self.out)}
 
     def summary(self) -> str:
-        lines = [f"Head '{self.head}' on '{self.model}' features: trained on {self.n_train} rows of '{self.train_split}' "
+        dim = f" ({self.dim}-dimensional)" if self.dim else ""
+        lines = [f"Head '{self.head}' on '{self.model}' features{dim}: trained on {self.n_train} rows of '{self.train_split}' "
                  f"in {self.fit_seconds:.2f} s, tested on {self.n_test} rows ({self.test_description})."]
         if self.sweep is not None and not self.sweep["curve"]:
             lines.append(f"Nothing to sweep: '{self.head}' has no regularisation left to choose with these options "
@@ -67,11 +71,16 @@ class FitHeadResult:
             curve = ", ".join(f"{format_params(c['params'])}: {c['val_accuracy']:.4f}" for c in s["curve"])
             lines.append(f"Sweep ({'one batched pass' if s['batched'] else 'one fit per value'}, {s['n_train']} train / "
                          f"{s['n_val']} validation rows, {s['seconds']:.2f} s): chose {format_params(s['best'])} "
-                         f"(validation accuracy {s['best_val_accuracy']:.4f}); curve: {curve}")
-            lines += [f"Note: {note}." for note in SweepResult(**s).edge_notes()]
+                         f"(validation accuracy {s['best_val_accuracy']:.4f}{_tied(s)}); curve: {curve}")
         lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()))
-        lines.append(f"Saved to {self.out} (evaluate with 'featx evaluate {self.out} FEATURES.h5').")
+        command = shell_command("featx", "evaluate", self.out, self.features or "FEATURES.h5")
+        lines.append(f"Saved to {self.out} (evaluate with '{command}').")
         return "\n".join(lines)
+
+
+def _tied(sweep: dict) -> str:
+    n = sweep.get("n_tied", 1)
+    return f"; the middle of {n} values the validation rows cannot tell apart" if n > 1 else ""
 
 
 def format_params(p: dict) -> str:
@@ -83,6 +92,7 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
     out = Path(out)
     if config.head not in HEADS:
         raise FeatxError(f"unknown head '{config.head}'; choose one of: {', '.join(HEADS)}")
+    check_writable(out, option="--out", folder=True)
     with FeatureStore(features) as store, showing_progress(config.progress):
         plan = plan_fit(store, features, config, out)
         pipeline = _pipeline(config, plan.attrs)
@@ -95,12 +105,14 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
             pipeline, sweep_result, scores, y_pred, fit_seconds, predict_seconds = _fit_in_memory(store, plan, pipeline, config)
     metrics = classification_metrics(plan.y_test, y_pred, scores, n_classes=len(plan.class_names))
     sweep = sweep_result.to_dict() if sweep_result else None
+    for note in sweep_result.edge_notes() if sweep_result else []:
+        _logger.warning("'%s' on '%s': %s", config.head, plan.key, note)
     meta = _sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds)
     save_head(out, pipeline, meta, overwrite=True)
     return FitHeadResult(out=out, head=config.head, model=plan.key, metrics=metrics, n_train=len(plan.train_rows),
                          n_test=len(plan.test_rows), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                          train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep,
-                         n_train_test_duplicates=plan.n_duplicates)
+                         n_train_test_duplicates=plan.n_duplicates, dim=int(plan.dim), features=str(features))
 
 
 def _pipeline(config: FitHeadConfig, attrs: dict):
@@ -135,8 +147,6 @@ def _fit(pipeline, config: FitHeadConfig, X: np.ndarray, y: np.ndarray):
         if not config.sweep:
             return pipeline.fit(X, y), None
         grid = sweep_grid(config, pipeline.named_steps["head"].get_params())
-        if not grid:
-            _logger.info("head '%s' has nothing to sweep with these options; fitted it as is", config.head)
         return sweep(pipeline, X, y, grid, val_fraction=config.val_fraction, random_state=config.seed)
     except ValueError as e:  # invalid head parameters, as scikit-learn reports them
         raise FeatxError(f"cannot fit '{config.head}': {str(e).splitlines()[0]}") from None

@@ -97,6 +97,10 @@ class KNNClassifier(TorchHead):
 
     def grid_scores(self, X_tr, y_tr, X_va, y_va, grid: list[dict]) -> list[float]:
         """Validation accuracy of every ``n_neighbors`` (and ``temperature``) of ``grid`` from one neighbour search."""
+        return [float(c.mean()) for c in self.grid_correct(X_tr, y_tr, X_va, y_va, grid)]
+
+    def grid_correct(self, X_tr, y_tr, X_va, y_va, grid: list[dict]) -> np.ndarray:
+        """[len(grid), n_val] bool: which validation rows every entry of ``grid`` classifies right, from one neighbour search."""
         bad = sorted({k for entry in grid for k in entry if k not in ("n_neighbors", "temperature")})
         if bad:
             raise ValueError(f"the kNN grid varies only n_neighbors and temperature, not {bad}")
@@ -104,12 +108,12 @@ class KNNClassifier(TorchHead):
         k_max = max(int(e.get("n_neighbors", self.n_neighbors)) for e in grid)
         sims, idx = self.neighbours(X_va, k_max)
         y_va_idx = torch.as_tensor(np.searchsorted(self.classes_, y_va), device=idx.device)
-        scores = []
+        correct = []
         for entry in grid:
             est = self.set_params(**entry)
             votes = est._votes(sims, idx, int(est.n_neighbors))
-            scores.append(float((votes.argmax(1) == y_va_idx).float().mean()))
-        return scores
+            correct.append((votes.argmax(1) == y_va_idx).cpu().numpy())
+        return np.stack(correct)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         check_is_fitted(self)

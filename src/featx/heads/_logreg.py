@@ -183,6 +183,11 @@ class LogisticRegressionClassifier(LinearWeights, TorchHead):
         self.intercept_ = theta[h, D * K :].numpy().astype(np.float32).copy()
         self.n_iter_, self.converged_ = int(iterations[h]), bool(converged[h])
 
+    @property
+    def grid_batched(self) -> bool:
+        """Whether :meth:`fit_grid` solves the grid together (featx's path) or fits one value after another (scikit-learn's)."""
+        return self.solver != "sklearn"
+
     def fit_grid(self, X, y, grid: list[dict]) -> list["LogisticRegressionClassifier"]:
         """One fitted clone per entry of ``grid`` (dicts of ``C``), solved along the path together."""
         X, y_idx = self._prepare(X, y)

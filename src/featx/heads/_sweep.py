@@ -18,6 +18,7 @@ from sklearn.utils.validation import check_is_fitted
 
 from ..errors import FeatxError
 from ..splits import stratified_holdout
+from ..statistics import mcnemar_exact
 from ._progress import progress_bar
 
 __all__ = ["SweepResult", "SweptHead", "sweep"]
@@ -38,11 +39,12 @@ class SweepResult:
     seconds: float = 0.0  # time of the grid (without the refit)
     batched: bool = False  # True when the grid was solved together (one batched solve, factorisation or neighbour search)
     edges: list[dict] = field(default_factory=list)  # chosen values at the end of their grid: {'param', 'value', 'side', 'next'}
+    n_tied: int = 0  # grid entries tied with the best on validation (exact McNemar, p >= TIE_P_VALUE); the choice is their middle
 
     def to_dict(self) -> dict:
         return {"params": self.params, "best": self.best, "best_val_accuracy": self.best_val_accuracy, "curve": self.curve,
                 "n_train": self.n_train, "n_val": self.n_val, "seconds": self.seconds, "batched": self.batched,
-                "edges": self.edges}
+                "edges": self.edges, "n_tied": self.n_tied}
 
     def edge_notes(self) -> list[str]:
         """One sentence per chosen value at the edge of its grid, saying how to extend the grid."""
@@ -88,19 +90,22 @@ def _transformed(pipeline, X_tr, y_tr, X_va):
     return pre.transform(X_tr), pre.transform(X_va)
 
 
+def _scored(correct: np.ndarray, **extra) -> dict:
+    """A grid entry's validation result: its accuracy (in the curve) and which rows it got right (for the tie test)."""
+    return {"val_accuracy": float(np.mean(correct)), **extra, "correct": np.asarray(correct, dtype=bool)}
+
+
 def _scores_together(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
-    """Validation scores of every grid entry from one batched computation: the head's ``grid_scores`` (one neighbour
+    """Validation scores of every grid entry from one batched computation: the head's ``grid_correct`` (one neighbour
     search) or ``fit_grid`` (one batched solve or factorisation)."""
     Z_tr, Z_va = _transformed(pipeline, X_tr, y_tr, X_va)
     head = clone(pipeline.named_steps["head"])
-    if hasattr(head, "grid_scores"):
-        return [{"val_accuracy": s} for s in head.grid_scores(Z_tr, y_tr, Z_va, y_va, grid)]
+    if hasattr(head, "grid_correct"):
+        return [_scored(c) for c in head.grid_correct(Z_tr, y_tr, Z_va, y_va, grid)]
     out = []
     for est in head.fit_grid(Z_tr, y_tr, grid):
-        entry = {"val_accuracy": float(est.score(Z_va, y_va))}
-        if hasattr(est, "n_iter_"):
-            entry.update(iterations=est.n_iter_, converged=est.converged_)
-        out.append(entry)
+        extra = {"iterations": est.n_iter_, "converged": est.converged_} if hasattr(est, "n_iter_") else {}
+        out.append(_scored(est.predict(Z_va) == y_va, **extra))
     return out
 
 
@@ -110,7 +115,7 @@ def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
     with progress_bar(len(grid), "sweep", unit="value") as bar:
         for entry in grid:
             est = clone(pipeline).set_params(**{f"head__{k}": v for k, v in entry.items()})
-            scores.append({"val_accuracy": float(est.fit(X_tr, y_tr).score(X_va, y_va))})
+            scores.append(_scored(est.fit(X_tr, y_tr).predict(X_va) == y_va))
             bar.update()
     return scores
 
@@ -143,7 +148,7 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         idx_tr, idx_va = validation_split(y, self.val_fraction, self.random_state)
         result.n_train, result.n_val = len(idx_tr), len(idx_va)
         head = self.pipeline.named_steps["head"]
-        batched = hasattr(head, "fit_grid") or hasattr(head, "grid_scores")
+        batched = (hasattr(head, "fit_grid") or hasattr(head, "grid_correct")) and getattr(head, "grid_batched", True)
         strategy = _scores_together if batched else _scores_per_value
         t0 = time.perf_counter()
         scored = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
@@ -162,30 +167,47 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         return self.best_estimator_.decision_function(X)
 
 
+# Grid entries whose validation predictions the exact McNemar test cannot tell from the best's at this level are ties.
+TIE_P_VALUE = 0.05
+
+
+def tied_with_best(correct: list[np.ndarray], alpha: float = TIE_P_VALUE) -> list[int]:
+    """Indices of the grid entries tied with the best on the validation rows (``correct[i]``: which rows entry i got right).
+
+    The best is the middle one of the entries with the highest accuracy; an entry ties with it when the two-sided exact
+    McNemar test on the same rows gives p >= ``alpha``. Accuracies a few rows apart are noise, not a ranking: on a flat
+    curve they move with the thread count (float32 reductions, features and solver paths that differ in the last bits),
+    and a choice made on them moved with it.
+    """
+    scores = np.array([c.mean() for c in correct])
+    top = np.flatnonzero(scores == scores.max())
+    ref = correct[int(top[len(top) // 2])]
+    return [i for i, c in enumerate(correct) if scores[i] == scores.max() or mcnemar_exact(ref, c) >= alpha]
+
+
 def _record(result: SweepResult, grid: list[dict], scored: list[dict], seconds: float, batched: bool) -> None:
     """Fill ``result`` from the grid's validation scores: curve, choice, edges.
 
-    Ties go to the middle one of the tied entries (in grid order): on easy data every C from 1e-5 up may score 1.0 on
-    validation, and the first (the strongest regularisation) refits into a head that predicts one class.
+    The choice is the middle one (in grid order) of the entries tied with the best (:func:`tied_with_best`): on easy
+    data every C from 1e-5 up may score 1.0 on validation, and the first (the strongest regularisation) refits into a
+    head that predicts one class; on a flat curve the middle of the tied range stays put when single rows flip.
     """
     result.seconds, result.batched = seconds, batched
+    correct = [s.pop("correct") for s in scored]
     result.curve = [{"params": entry, **s} for entry, s in zip(grid, scored)]
     scores = [s["val_accuracy"] for s in scored]
-    tied = np.flatnonzero(np.asarray(scores) == np.max(scores))
-    best = int(tied[len(tied) // 2])
-    result.best, result.best_val_accuracy = dict(grid[best]), scores[best]
+    tied = tied_with_best(correct)
+    best = tied[len(tied) // 2]
+    for k in tied:
+        result.curve[k]["tied"] = True
+    result.best, result.best_val_accuracy, result.n_tied = dict(grid[best]), scores[best], len(tied)
     result.edges = grid_edges(grid, result.best, scores)
-    for note in result.edge_notes():
-        _logger.warning("%s", note)
     _logger.debug("sweep %s: best %s (validation accuracy %.4f)", result.params, result.best, result.best_val_accuracy)
 
 
-def _accuracy_on_rows(head, rows) -> float:
-    """Accuracy of a fitted head on :class:`~featx.heads._rows.Rows` (chunk by chunk; ``rows.y`` are class indices)."""
-    correct = 0
-    for X, y in rows.chunks(torch.device("cpu")):
-        correct += int((head.predict(X.numpy()) == head.classes_[y.numpy()]).sum())
-    return correct / len(rows)
+def _correct_on_rows(head, rows) -> np.ndarray:
+    """Which rows of :class:`~featx.heads._rows.Rows` a fitted head classifies right (chunk by chunk; ``rows.y`` are class indices)."""
+    return np.concatenate([head.predict(X.numpy()) == head.classes_[y.numpy()] for X, y in rows.chunks(torch.device("cpu"))])
 
 
 def sweep_rows(head, rows, classes: np.ndarray, n_features: int, grid: list[dict], *, val_fraction: float = 0.2,
@@ -206,7 +228,7 @@ def sweep_rows(head, rows, classes: np.ndarray, n_features: int, grid: list[dict
             fitted = clone(head).fit_grid_rows(train, classes, n_features, grid)
         else:
             fitted = [clone(head).set_params(**entry).fit_rows(train, classes, n_features) for entry in grid]
-        _record(result, grid, [{"val_accuracy": _accuracy_on_rows(est, val)} for est in fitted], time.perf_counter() - t0, batched)
+        _record(result, grid, [_scored(_correct_on_rows(est, val)) for est in fitted], time.perf_counter() - t0, batched)
     final = clone(head).set_params(**result.best).fit_rows(rows, classes, n_features)
     return final, result
 

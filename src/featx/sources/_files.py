@@ -17,6 +17,7 @@ from ._source import IMG_EXTENSIONS, UNLABELED, ImageSource
 __all__ = ["folder_source", "manifest_source", "natural_key", "digits_source", "fashion_mnist_source", "FASHION_MNIST_DIR"]
 
 _logger = logging.getLogger(__name__)
+_MANIFEST_COLUMNS = ("path", "label", "split")
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = [
@@ -82,33 +83,41 @@ def _walk(d: Path) -> list[Path]:
     return sorted((p for p in d.rglob("*") if _is_image(p)), key=lambda p: p.as_posix())
 
 
-def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict]]:
+def _read_manifest(csv_path: Path) -> tuple[list[str], list[dict], list[int]]:
+    """(lower-case column names, rows, the line each row ends on)."""
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             reader = csv.DictReader(f)
             fields = [(c or "").strip().lower() for c in (reader.fieldnames or [])]
-            return fields, list(reader)
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
+            return fields, rows, lines
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise FeatxError(f"cannot read CSV manifest '{csv_path}': {e}") from None
 
 
 def manifest_source(csv_path: Path) -> ImageSource:
     """A CSV with columns ``path[,label][,split]``: paths relative to the CSV's folder (or absolute)."""
-    fields, raw = _read_manifest(csv_path)
+    fields, raw, lines = _read_manifest(csv_path)
     if "path" not in fields:
         missing = [c for c in ("path", "label") if c not in fields]
         raise FeatxError(f"CSV manifest '{csv_path}' lacks column(s) {', '.join(missing)}; it needs a header 'path,label[,split]' "
                          f"(or just 'path' for unlabeled images; found: {', '.join(fields) or 'no header'})")
-    extra = sum(1 for r in raw if None in r)  # values beyond the header come back under the key None
+    if unread := [c or "(unnamed)" for c in fields if c not in _MANIFEST_COLUMNS]:
+        _logger.warning("columns %s of '%s' are not read (featx reads %s)", ", ".join(unread), csv_path, ", ".join(_MANIFEST_COLUMNS))
+    extra = [line for line, r in zip(lines, raw) if None in r]  # values beyond the header come back under the key None
     rows = [{k.strip().lower(): (v or "").strip() for k, v in r.items() if k is not None} for r in raw]
-    no_path = sum(1 for r in rows if not r.get("path"))
+    no_path = [line for line, r in zip(lines, rows) if not r.get("path")]
     rows = [r for r in rows if r.get("path")]
     if not rows:
         raise FeatxError(f"CSV manifest '{csv_path}' lists no images")
-    for count, what in ((extra, "have more values than the header (the extra values are ignored)"),
-                        (no_path, "have an empty path and are skipped")):
-        if count:
-            _logger.warning("%d rows of '%s' %s", count, csv_path, what)
+    for at, what in ((extra, "have more values than the header (the extra values are ignored)"),
+                     (no_path, "have an empty path and are skipped")):
+        if at:
+            _logger.warning("%d rows of '%s' %s: line%s %s", len(at), csv_path, what, "s" if len(at) > 1 else "",
+                            _first([str(n) for n in at], 5))
     if "label" in fields and (unlabeled := sum(1 for r in rows if not r["label"])):
         _logger.warning("%d rows of '%s' have no label and are kept as unlabeled", unlabeled, csv_path)
     _check_relative_paths(csv_path, [r["path"] for r in rows])

@@ -23,33 +23,58 @@ from ..splits import SPLIT_FOLDER_NAMES
 from ._files import natural_key
 from ._source import UNLABELED, ImageSource, TarMembers
 
-__all__ = ["expand_braces", "shard_paths", "tar_source", "SHARD_IMAGE_FIELDS"]
+__all__ = ["expand_braces", "shard_paths", "tar_source", "SHARD_IMAGE_FIELDS", "CLASS_LIST"]
 
 _logger = logging.getLogger(__name__)
 SHARD_IMAGE_FIELDS = ("jpg", "jpeg", "png", "webp")
 _LABEL_FIELDS = ("cls", "txt", "json")
+CLASS_LIST = "classes.txt"  # beside the shards: the name of integer label k on line k
 _JSON_LABEL_KEYS = ("cls", "label", "class", "class_name")
 _KEY_EXT = re.compile(r"^((?:.*/|)[^./][^.]*)\.([^/]*)$")  # WebDataset: key up to the first dot of the file name
-_BRACE = re.compile(r"\{([^{}]*)\}")
+
+
+def _matching_brace(text: str, start: int) -> int:
+    """Index of the '}' closing the '{' at ``start``, or -1."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return -1
+
+
+def _top_level_split(body: str) -> list[str]:
+    """``body`` split at the commas outside nested braces."""
+    items, depth, start = [], 0, 0
+    for i, c in enumerate(body):
+        depth += {"{": 1, "}": -1}.get(c, 0)
+        if c == "," and depth == 0:
+            items.append(body[start:i])
+            start = i + 1
+    return items + [body[start:]]
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """``train-{000..127}.tar`` / ``{a,b}-0.tar`` expanded in order (zero padding kept), as WebDataset does."""
-    m = _BRACE.search(pattern)
-    if m is None:
+    """``train-{000..127}.tar`` / ``{a,b}-0.tar`` / ``{train-{0..1},test-0}.tar`` expanded in bash's order (the first
+    brace from the left, with its nested braces, then the rest; zero padding kept), as WebDataset does."""
+    open_at = pattern.find("{")
+    if open_at < 0:
         return [pattern]
-    body = m.group(1)
+    close_at = _matching_brace(pattern, open_at)
+    if close_at < 0:
+        raise FeatxError(f"'{{' without a matching '}}' in '{pattern}'")
+    body, prefix, suffix = pattern[open_at + 1 : close_at], pattern[:open_at], pattern[close_at + 1 :]
     rng = re.fullmatch(r"(\d+)\.\.(\d+)", body)
     if rng:
         a, b = rng.groups()
         width = max(len(a), len(b)) if a.startswith("0") or b.startswith("0") else 0
         step = 1 if int(b) >= int(a) else -1
         items = [str(v).zfill(width) for v in range(int(a), int(b) + step, step)]
-    elif "," in body:
-        items = body.split(",")
+    elif len(parts := _top_level_split(body)) > 1:
+        items = parts
     else:
         raise FeatxError(f"cannot expand '{{{body}}}' in '{pattern}'; use {{000..127}} (a range) or {{a,b}} (a list)")
-    return [s for item in items for s in expand_braces(pattern[: m.start()] + item + pattern[m.end():])]
+    return [prefix + s for item in items for s in expand_braces(item + suffix)]
 
 
 def shard_paths(text: str) -> list[Path] | None:
@@ -74,6 +99,13 @@ def shard_paths(text: str) -> list[Path] | None:
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise FeatxError(f"{len(missing)} of {len(paths)} shards of '{text}' do not exist (first: '{missing[0]}')")
+    seen: dict[Path, str] = {}
+    for p in paths:
+        if p.resolve() in seen:
+            also = "" if seen[p.resolve()] == str(p) else f" (also as '{p}')"
+            raise FeatxError(f"'{text}' names the shard '{seen[p.resolve()]}' twice{also}, so its images would be read twice; "
+                             "name every shard once")
+        seen[p.resolve()] = str(p)
     return paths
 
 
@@ -134,6 +166,24 @@ def _index_shard(path: Path) -> list[tuple[str, str, int, int]]:
     return out
 
 
+def _class_list(path: Path, labels: list[str]) -> list[str] | None:
+    """The class names of integer labels, one per line of ``path`` (line k names label k); None without the file."""
+    if not path.is_file():
+        return None
+    try:
+        names = [line.strip() for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as e:
+        raise FeatxError(f"cannot read the class names in '{path}': {e}") from None
+    if len(set(names)) != len(names) or not names:
+        raise FeatxError(f"'{path}' must name every class once, one per line (line k names the integer label k)")
+    bad = sorted({y for y in labels if y and not (y.isdigit() and int(y) < len(names))}, key=natural_key)
+    if bad:
+        raise FeatxError(f"'{path}' names the integer labels 0..{len(names) - 1}, but the shards hold the label(s) "
+                         f"{', '.join(bad[:5])}; list one name per label, or remove the file to use the labels as they are")
+    _logger.info("class names of the shards' integer labels from '%s' (%d classes)", path, len(names))
+    return names
+
+
 def tar_source(paths: list[Path], name: str, split: str | None = None) -> ImageSource:
     """An :class:`ImageSource` over the samples of ``paths`` (ids ``<shard>/<key>``), split per shard or ``split``."""
     ids, labels, splits, shard, offset, size = [], [], [], [], [], []
@@ -148,7 +198,11 @@ def tar_source(paths: list[Path], name: str, split: str | None = None) -> ImageS
             size.append(n)
     if not ids:
         raise FeatxError(f"no images found in the tar shards of '{name}' (members ending in {', '.join(SHARD_IMAGE_FIELDS)})")
-    class_names = sorted({y for y in labels if y}, key=natural_key)
+    class_names = _class_list(paths[0].parent / CLASS_LIST, labels)
+    if class_names is not None:
+        labels = [class_names[int(y)] if y else "" for y in labels]
+    else:
+        class_names = sorted({y for y in labels if y}, key=natural_key)
     index = {c: i for i, c in enumerate(class_names)}
     return ImageSource(
         name=name,

@@ -11,11 +11,10 @@ import numpy as np
 from PIL import Image
 
 from ..errors import BadImage, FeatxError
-from ..images import decode_image, open_image
+from ..images import IMG_EXTENSIONS, decode_image, open_image
 
 __all__ = ["ImageSource", "TarMembers", "images_source", "content_digest", "UNLABELED", "IMG_EXTENSIONS"]
 
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 UNLABELED = -1
 
 

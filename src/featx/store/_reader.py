@@ -11,7 +11,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import FeatxError
+from ..errors import FeatxError, shell_command
+from ..images import looks_like_image_folder
 
 _logger = logging.getLogger(__name__)
 
@@ -111,6 +112,18 @@ def attr_value(v):
     return v
 
 
+def _not_a_store(path: Path) -> str:
+    """Why ``path`` is not a feature store, with the command that makes one from what it is."""
+    if looks_like_image_folder(path) or (path.is_file() and path.suffix.lower() in (".csv", ".tar")):
+        what = "an image folder" if path.is_dir() else f"a {path.suffix[1:].upper()} source"
+        command = shell_command("featx", "extract", path, "--model", "NAME", "--weights", "PATH", "--out", "FEATURES.h5")
+        return f"'{path}' is {what}, not a feature store; embed its images first with '{command}' and pass FEATURES.h5"
+    if path.exists():
+        return f"'{path}' is not an HDF5 feature store" + ("" if path.is_file() else " (it is a folder)")
+    command = shell_command("featx", "extract", "SOURCE", "--model", "NAME", "--weights", "PATH", "--out", path)
+    return f"feature store '{path}' does not exist; create it with '{command}'"
+
+
 class FeatureStore:
     """Read access to a feature store.
 
@@ -122,10 +135,8 @@ class FeatureStore:
         self.path = Path(path)
         self._file: h5py.File | None = None
         self._pid: int | None = None
-        if not self.path.is_file():
-            raise FeatxError(f"feature store '{self.path}' does not exist; create it with 'featx extract SOURCE --model NAME --out {self.path}'")
-        if not h5py.is_hdf5(self.path):
-            raise FeatxError(f"'{self.path}' is not an HDF5 feature store")
+        if not self.path.is_file() or not h5py.is_hdf5(self.path):
+            raise FeatxError(_not_a_store(self.path))
 
     @property
     def file(self) -> h5py.File:
