@@ -25,9 +25,10 @@ from .device import autocast_context, inference_workers, keep_freed_memory, reso
 from .errors import FeatxError
 from .loading import fixed_grid_loader
 from .preprocess import DevicePreprocessor, Geometry, eval_transform
+from .runtimes import OnnxExportFailed, OnnxForward, cached_onnx, default_cache_dir, resolve_runtime
 from .sources import ImageSource, images_source
 
-__all__ = ["ImageEmbedder", "EmbeddedBatch", "embed_together", "pooling_name"]
+__all__ = ["ImageEmbedder", "EmbeddedBatch", "EmbeddingNet", "embed_together", "pooling_name"]
 
 _logger = logging.getLogger(__name__)
 
@@ -146,6 +147,26 @@ def _tapped(model: torch.nn.Module, x: torch.Tensor, taps: list[Tap]) -> torch.T
     return torch.cat([model.forward_head(final, pre_logits=True).float() if t.index is None else pooled[t.index] for t in taps], 1)
 
 
+class EmbeddingNet(torch.nn.Module):
+    """The embedding as one module: normalised images [n, 3, H, W] -> features [n, D] (float32), taps and flip averaging
+    included. What the ONNX runtime and ``featx export`` run; the torch runtime computes the same in
+    :meth:`ImageEmbedder.embed_prepared`."""
+
+    def __init__(self, model: torch.nn.Module, taps: list[Tap], tta: str | None):
+        super().__init__()
+        self.model = model
+        self.taps = taps
+        self.flip = tta == "flip"
+
+    def _one_view(self, x: torch.Tensor) -> torch.Tensor:
+        return (self.model(x) if [t.name for t in self.taps] == ["last"] else _tapped(self.model, x, self.taps)).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.flip:
+            return (self._one_view(x) + self._one_view(x.flip(3))) / 2
+        return self._one_view(x)
+
+
 class ImageEmbedder(TransformerMixin, BaseEstimator):
     """Pooled pre-logits embeddings of a frozen timm backbone, preprocessing taken from timm.
 
@@ -168,12 +189,16 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     random_state : seed of the initialisation when no weights are loaded.
     num_classes : 0 for embeddings; K > 0 keeps the model's classifier over K classes (loaded from ``weights``, e.g. a
         fine-tuned checkpoint), so the outputs are its K logits (``layers`` must then be 'last').
+    runtime : 'torch', 'onnx' (the forward exported once to ONNX and run by ONNX Runtime; CPU, fp32) or 'auto' (onnx where
+        it can run, else torch). A model that fails to export runs in torch, with one warning.
+    onnx_cache : folder for exported graphs (None: the user's cache folder, ``~/.cache/featx/onnx``).
     """
 
     def __init__(self, model: str = "tf_efficientnet_lite0", *, pretrained: bool = False, weights: str | None = None,
                  img_size: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
                  workers: int | None = None, preprocess: str = "auto", channels_last: bool = True, compile: bool = False,
-                 layers: str = "last", tta: str | None = None, random_state: int = 0, num_classes: int = 0):
+                 layers: str = "last", tta: str | None = None, random_state: int = 0, num_classes: int = 0,
+                 runtime: str = "torch", onnx_cache: str | None = None):
         self.model = model
         self.pretrained = pretrained
         self.weights = weights
@@ -189,6 +214,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.tta = tta
         self.random_state = random_state
         self.num_classes = num_classes
+        self.runtime = runtime
+        self.onnx_cache = onnx_cache
 
     # -- building ------------------------------------------------------------------------------
     def fit(self, X=None, y=None) -> "ImageEmbedder":
@@ -210,7 +237,31 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise FeatxError(f"unknown --tta '{self.tta}'; use flip (or leave it out)")
         self.num_features_ = self.num_classes or sum(t.dim for t in self.taps_)
         self._forward_model = None
+        self.runtime_ = resolve_runtime(self.runtime, self.device_, self.precision_, self.compile)
+        self._onnx = self._onnx_forward() if self.runtime_ == "onnx" else None
+        if self._onnx is None:
+            self.runtime_ = "torch"
         return self
+
+    def embedding_net(self) -> EmbeddingNet:
+        """The backbone with its taps and flip averaging as one module (on the CPU, eval mode)."""
+        check_is_fitted(self, "model_")
+        return EmbeddingNet(self.model_.eval(), self.taps_, self.tta)
+
+    def _graph_identity(self) -> dict:
+        keys = ("model", "weights_sha256", "img_size", "pooling", "layers", "tta")
+        return {**{k: v for k, v in self.identity(runtime=False).items() if k in keys}, "num_classes": self.num_classes,
+                "input_size": list(self.data_config_["input_size"])}
+
+    def _onnx_forward(self) -> OnnxForward | None:
+        """The forward exported to ONNX (cached) and loaded in ONNX Runtime; None, after one warning, when it cannot be."""
+        example = torch.zeros(2, *self.data_config_["input_size"])
+        try:
+            path = cached_onnx(self.embedding_net(), example, self.onnx_cache or default_cache_dir(), self.model, self._graph_identity())
+            return OnnxForward(path)
+        except OnnxExportFailed as e:
+            _logger.warning("'%s' could not be run by ONNX Runtime (%s); computing it with --runtime torch", self.model, e)
+            return None
 
     def _preprocess_mode(self) -> str:
         mode = self.preprocess
@@ -222,10 +273,10 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise FeatxError(f"unknown preprocessing '{mode}'; use auto, device or host")
         return mode
 
-    def identity(self) -> dict:
+    def identity(self, runtime: bool = True) -> dict:
         """What determines the embeddings besides the images: recorded with them and compared on reuse."""
         check_is_fitted(self, "model_")
-        return {
+        return ({"runtime": self.runtime_} if runtime else {}) | {
             "model": self.model,
             "weights_sha256": self.info_.weights_sha256,
             "data_config": json.dumps(self.data_config_, sort_keys=True, default=list),
@@ -265,11 +316,13 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     @torch.inference_mode()
     def embed_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         """Embeddings [len(prepared), D] (float32, on the device) of images returned by :meth:`prepare`."""
-        model = self._model_on_device()
         if self._device_pre is not None:
             x = self._device_pre(prepared, self.device_)
         else:
             x = torch.stack(prepared).to(self.device_, non_blocking=True)
+        if self._onnx is not None:  # the graph computes taps and flip averaging itself
+            return self._onnx(x)
+        model = self._model_on_device()
         views = [x, x.flip(3)] if self.tta == "flip" else [x]
         if self.device_.type == "cuda" and len(views) > 1:
             views = [torch.cat(views)]  # one batched forward of the image and its mirror

@@ -112,14 +112,15 @@ class _Classifier:
 
 def _head_classifier(head_dir, config: PredictConfig) -> _Classifier:
     head = load_head(head_dir)
-    embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights)
+    embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights,
+                             runtime=config.runtime)
     return _Classifier(embedder, head.class_names, int(head.meta["feature_dim"]), head.scores,
                        float16=head.meta["backbone"].get("dtype") == "float16")
 
 
 def _run_classifier(run_dir, config: PredictConfig) -> _Classifier:
     run = load_run(run_dir, config.weights)
-    embedder = run_embedder(run, device=config.device, batch_size=config.batch_size, workers=config.workers)
+    embedder = run_embedder(run, device=config.device, batch_size=config.batch_size, workers=config.workers, runtime=config.runtime)
     return _Classifier(embedder, run.class_names, len(run.class_names), lambda logits: softmax(logits.astype(np.float64)))
 
 
@@ -156,7 +157,7 @@ def _accuracy(truth, predicted, splits) -> tuple[float | None, dict]:
 
 
 def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 64, workers: int | None = None,
-                  weights: str | None = None) -> ImageEmbedder:
+                  weights: str | None = None, runtime: str = "torch") -> ImageEmbedder:
     """The backbone the head's features came from, rebuilt and checked (weights hash, preprocessing)."""
     bb = head.meta["backbone"]
     recorded = bb.get("weights") or "random"
@@ -167,7 +168,7 @@ def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 6
     embedder = ImageEmbedder(bb["model"], pretrained=recorded == "timm-pretrained" and weights is None, weights=ckpt,
                              img_size=bb.get("img_size"), device=device, precision=_precision(bb.get("precision"), device),
                              batch_size=batch_size, workers=workers, preprocess=mode, layers=bb.get("layers") or "last",
-                             tta=None if bb.get("tta") in (None, "none") else bb["tta"]).fit()
+                             tta=None if bb.get("tta") in (None, "none") else bb["tta"], runtime=runtime).fit()
     if embedder.info_.weights_sha256 != bb.get("weights_sha256"):
         raise FeatxError(
             f"the backbone weights ({embedder.info_.weights}) hash to {embedder.info_.weights_sha256[:12]}..., but head "
@@ -181,11 +182,12 @@ def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 6
     return embedder
 
 
-def run_embedder(run: LoadedRun, *, device: str = "auto", batch_size: int = 64, workers: int | None = None) -> ImageEmbedder:
+def run_embedder(run: LoadedRun, *, device: str = "auto", batch_size: int = 64, workers: int | None = None,
+                 runtime: str = "torch") -> ImageEmbedder:
     """The run's model, classifier included (its outputs are logits), with the preprocessing the run was evaluated with."""
     embedder = ImageEmbedder(run.model_name, weights=str(run.checkpoint), img_size=run.img_size, device=device,
                              precision=_precision(run.precision, device), batch_size=batch_size, workers=workers,
-                             preprocess="host", num_classes=len(run.class_names)).fit()
+                             preprocess="host", num_classes=len(run.class_names), runtime=runtime).fit()
     rebuilt = json.loads(json.dumps(embedder.data_config_, default=list))
     if rebuilt != run.data_config:
         raise FeatxError(f"rebuilt preprocessing {rebuilt} differs from the run's {run.data_config}; "

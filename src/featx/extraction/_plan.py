@@ -17,7 +17,7 @@ from ..provenance import provenance
 from ..sources import ImageSource
 from ..store import FeatureStore, StoreKey, forget_committed_journals, group_attrs
 
-__all__ = ["Job", "plan_job", "group_meta"]
+__all__ = ["Job", "plan_job", "group_meta", "onnx_cache_dir"]
 
 _logger = logging.getLogger(__name__)
 _IMAGE_FIELDS = {"image_list_sha256", "image_stamps_sha256"}
@@ -44,16 +44,19 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
     """
     log = _logger.info if speak else _logger.debug
     warn = _logger.warning if speak else _logger.debug
+    key = config.key or config.model
+    existing = group_attrs(out, key)
+    runtime = config.runtime
+    if runtime == "auto" and existing is not None and not config.overwrite and existing.get("runtime", "torch") == "torch":
+        runtime = "torch"  # auto keeps a torch-made group torch-made: a rerun stays a cache hit, added images match its rows
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
                              preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile,
-                             layers=config.layers, tta=config.tta).fit()
-    key = config.key or config.model
+                             layers=config.layers, tta=config.tta, runtime=runtime, onnx_cache=str(onnx_cache_dir(out))).fit()
     store_key = StoreKey(**embedder.identity(), dtype=config.dtype, image_list_sha256=src.fingerprint(),
                          image_stamps_sha256=src.stamps_fingerprint())
     if speak:
         _warn_about_other_journals(out, key, world)
-    existing = group_attrs(out, key)
     job = Job(config, key, embedder, store_key, np.arange(len(src)), existing)
     if existing is None:
         return job
@@ -76,6 +79,11 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
             return job
     raise FeatxError(f"'{out}' already holds '{key}' made with different {', '.join(diff)}{detail}; "
                      "pass --key NAME to store these features beside it, or --overwrite to replace it")
+
+
+def onnx_cache_dir(out: Path) -> Path:
+    """Where the ONNX graphs of a store's backbones are cached: ``FEATURES.h5.onnx/`` beside it, one per key and store key."""
+    return out.with_name(out.name + ".onnx")
 
 
 def _grown_by(out: Path, key: str, src: ImageSource) -> tuple[np.ndarray | None, str]:
