@@ -60,9 +60,10 @@ def add_extract(sub) -> None:
 
 
 def add_runtime_choice(p, target) -> None:
-    add_option(p, target, "--runtime", choices=["auto", "torch", "onnx"],
-               help="what computes the forward pass: torch, or onnx (exported once, run by ONNX Runtime on the CPU: pip install "
-                    "'featx[onnx]'); auto: onnx on the CPU when installed, torch on GPUs (extract: an existing group keeps its own)")
+    add_option(p, target, "--runtime", choices=["auto", "torch", "onnx", "openvino"],
+               help="what computes the forward pass: torch, or the model exported once to ONNX and run on the CPU by ONNX Runtime "
+                    "(onnx: pip install 'featx[onnx]') or OpenVINO (openvino: 'featx[openvino]'); auto: openvino, else onnx, on the "
+                    "CPU when installed, torch on GPUs (extract: an existing group keeps its own)")
 
 
 def cmd_extract(args) -> int:

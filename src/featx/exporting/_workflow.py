@@ -12,11 +12,10 @@ from pathlib import Path
 import torch
 
 from ..configs import ExportConfig
-from ..embedder import ImageEmbedder
+from ..embedder import ImageEmbedder, head_embedder, run_embedder
 from ..errors import FeatxError
 from ..files import replace_folder
 from ..head_folder import load_head
-from ..prediction import head_embedder, run_embedder
 from ..provenance import provenance
 from ..run_folder import is_run_folder, load_run
 from ..runtimes import onnx_available

@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import ExtractConfig
+from ..device import resolve_device
 from ..embedder import ImageEmbedder
 from ..errors import FeatxError
 from ..files import safe_name
 from ..provenance import provenance
+from ..runtimes import graph_usable, runtime_available
 from ..sources import ImageSource
 from ..store import FeatureStore, StoreKey, forget_committed_journals, group_attrs
 
@@ -46,9 +48,10 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
     warn = _logger.warning if speak else _logger.debug
     key = config.key or config.model
     existing = group_attrs(out, key)
-    runtime = config.runtime
-    if runtime == "auto" and existing is not None and not config.overwrite and existing.get("runtime", "torch") == "torch":
-        runtime = "torch"  # auto keeps a torch-made group torch-made: a rerun stays a cache hit, added images match its rows
+    runtime, recorded = config.runtime, (existing or {}).get("runtime", "torch")
+    if runtime == "auto" and existing is not None and not config.overwrite and runtime_available(recorded) and (
+            recorded == "torch" or graph_usable(resolve_device(device), config.precision, config.compile)):
+        runtime = recorded  # auto keeps a group's own runtime: a rerun stays a cache hit, added images match its rows
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
                              preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile,
