@@ -222,3 +222,15 @@ def test_lite0_real_weights_export_equals_predict(tmp_path, lite0_weights):
     fit_head(tmp_path / "features.h5", FitHeadConfig(head="logreg", sweep=True, device="cpu", progress=False), head)
     export_classifier(head, tmp_path / "export")
     assert_same_as_predict(tmp_path / "export", head, images, tmp_path, timm_too=True)
+
+
+@pytest.mark.slow
+def test_fine_tuning_run_exports_equal_predict(tiny, tmp_path):
+    from featx import FinetuneConfig, finetune
+
+    run = tmp_path / "run"
+    finetune(str(tiny / "images"), FinetuneConfig(model="test_efficientnet", img_size=48, epochs=1, batch_size=8, workers=0,
+                                                  progress=False), run)
+    result = export_classifier(run, tmp_path / "export")
+    assert result.formats == ["onnx", "timm"] and result.what == "fine-tuning run"
+    assert_same_as_predict(tmp_path / "export", run, tiny / "images", tmp_path, timm_too=True)

@@ -107,3 +107,22 @@ def test_cli_refuses_an_unknown_runtime(images, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["extract", str(images), "--model", "test_efficientnet", "--out", str(tmp_path / "f.h5"), "--runtime", "tensorrt"])
     assert "invalid choice: 'tensorrt'" in capsys.readouterr().err
+
+
+def test_predict_with_a_graph_runtime_labels_as_torch_does(images, tmp_path, monkeypatch):
+    _graph_runtime("onnx")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    import csv
+
+    from featx import FitHeadConfig, PredictConfig, fit_head, predict_images
+
+    extract(str(images), ExtractConfig(**TAPS, runtime="torch"), tmp_path / "features.h5")
+    fit_head(tmp_path / "features.h5", FitHeadConfig(head="logreg", device="cpu", progress=False), tmp_path / "head")
+    scores = {}
+    for runtime in ("torch", "onnx"):
+        predict_images(tmp_path / "head", str(images), tmp_path / f"{runtime}.csv", PredictConfig(runtime=runtime, top_k=3, progress=False))
+        rows = list(csv.DictReader((tmp_path / f"{runtime}.csv").open()))
+        scores[runtime] = ([r["label"] for r in rows], np.array([[float(r["probability"]), float(r["probability_2"])] for r in rows]))
+    assert len(list((tmp_path / "cache" / "featx" / "onnx").glob("*.onnx"))) == 1  # predict caches its graph per user
+    assert scores["onnx"][0] == scores["torch"][0]
+    assert np.abs(scores["onnx"][1] - scores["torch"][1]).max() <= 1e-4
