@@ -234,3 +234,9 @@ def test_fine_tuning_run_exports_equal_predict(tiny, tmp_path):
     result = export_classifier(run, tmp_path / "export")
     assert result.formats == ["onnx", "timm"] and result.what == "fine-tuning run"
     assert_same_as_predict(tmp_path / "export", run, tiny / "images", tmp_path, timm_too=True)
+
+
+def test_rbf_svm_is_refused_before_anything_is_loaded(tiny, tmp_path):
+    with pytest.raises(FeatxError, match="head 'rbf-svm' cannot be exported as one network .*support vectors.*export works for logreg"):
+        export_classifier(_head(tiny, "rbf-svm"), tmp_path / "export")
+    assert not (tmp_path / "export").exists()

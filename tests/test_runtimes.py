@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 
 import h5py
 import numpy as np
 import pytest
 import torch
 
-from conftest import make_image_folder
+from conftest import make_image_folder, write_image
 from featx import ExtractConfig, extract
 from featx.cli import main
 from featx.errors import FeatxError
@@ -48,17 +49,18 @@ def test_graph_features_match_torch_with_taps_and_flip_and_are_exported_once(run
         rows, recorded = f["test_efficientnet/features"][:], f["test_efficientnet"].attrs["runtime"]
     assert (recorded, torch_rows[1]) == (runtime, "torch")  # the store key records the runtime
     assert rows.shape == torch_rows[0].shape and np.abs(rows - torch_rows[0]).max() <= 1e-4
-    graphs = list((tmp_path / "features.h5.onnx").glob("*.onnx"))
-    assert len(graphs) == 1
+    assert len(list((tmp_path / "features.h5.onnx" / "test_efficientnet").glob("*.onnx"))) == 1
 
     import featx.runtimes
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again")
 
-    monkeypatch.setattr(featx.runtimes, "export_onnx", no_export)  # a second group of the same backbone reuses the graph
-    again = extract(str(images), ExtractConfig(**TAPS, runtime=runtime, key="again"), out)
-    assert again.n_rows == len(rows) and not again.cache_hit
+    monkeypatch.setattr(featx.runtimes, "export_onnx", no_export)  # the group's graph is reused: added images, or a rerun
+    shutil.copytree(images, tmp_path / "more")
+    write_image(tmp_path / "more" / "class0" / "new.png", (10, 20, 30))
+    grown = extract(str(tmp_path / "more"), ExtractConfig(**TAPS, runtime=runtime), out)
+    assert grown.added_to == len(rows) and grown.n_rows == len(rows) + 1
 
 
 def test_auto_takes_a_graph_runtime_on_the_cpu_only(monkeypatch):

@@ -75,8 +75,8 @@ def head_network(pipeline, head_name: str, n_classes: int) -> torch.nn.Module:
     kind = type(final).__name__
     if kind in ("KNNClassifier", "KNeighborsClassifier"):
         raise _refusal(head_name, "a nearest-neighbour vote needs its training rows")
-    if kind == "SVC" and getattr(final, "kernel", "rbf") != "linear":
-        raise _refusal(head_name, f"a {final.kernel} kernel needs its support vectors")
+    if kind == "SVC":  # even with a linear kernel its scores are one-vs-one votes, not a linear map
+        raise _refusal(head_name, f"a {final.kernel}-kernel SVM scores by its support vectors and one-vs-one votes")
     if kind == "MLPClassifier":
         first, last = final.module_[0], final.module_[3]
         prefix, W1, b1 = fold_affine_steps(transforms, _array(first.weight), _array(first.bias))

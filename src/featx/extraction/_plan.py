@@ -55,7 +55,7 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
                              preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile,
-                             layers=config.layers, tta=config.tta, runtime=runtime, onnx_cache=str(onnx_cache_dir(out))).fit()
+                             layers=config.layers, tta=config.tta, runtime=runtime, onnx_cache=str(onnx_cache_dir(out, key))).fit()
     store_key = StoreKey(**embedder.identity(), dtype=config.dtype, image_list_sha256=src.fingerprint(),
                          image_stamps_sha256=src.stamps_fingerprint())
     if speak:
@@ -84,9 +84,11 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
                      "pass --key NAME to store these features beside it, or --overwrite to replace it")
 
 
-def onnx_cache_dir(out: Path) -> Path:
-    """Where the ONNX graphs of a store's backbones are cached: ``FEATURES.h5.onnx/`` beside it, one per key and store key."""
-    return out.with_name(out.name + ".onnx")
+def onnx_cache_dir(out: Path, key: str | None = None) -> Path:
+    """Where the ONNX graphs of a store's backbones are cached: ``FEATURES.h5.onnx/<key>/`` beside it, one graph per key
+    (named by a hash of what shapes it, as the store's key names what made the features)."""
+    folder = out.with_name(out.name + ".onnx")
+    return folder / safe_name(key) if key is not None else folder
 
 
 def _grown_by(out: Path, key: str, src: ImageSource) -> tuple[np.ndarray | None, str]:
