@@ -66,7 +66,7 @@ def test_graph_features_match_torch_with_taps_and_flip_and_are_exported_once(run
 def test_auto_takes_a_graph_runtime_on_the_cpu_only(monkeypatch):
     monkeypatch.delenv("FEATX_RUNTIME", raising=False)
     cpu = torch.device("cpu")
-    installed = [r for r in ("openvino", "onnx") if runtime_available(r)]
+    installed = [r for r in ("onnx", "openvino") if runtime_available(r)]
     assert resolve_runtime("auto", cpu, "fp32") == (installed[0] if installed else "torch")
     assert resolve_runtime("auto", torch.device("cuda"), "bf16") == "torch"
     assert resolve_runtime("auto", cpu, "fp32", compile=True) == "torch"

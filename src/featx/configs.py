@@ -42,7 +42,7 @@ class ExtractConfig:
     overwrite: bool = False  # replace an existing group (or one whose images changed) made with other settings
     progress: bool = True  # show a progress bar
     split: str | None = None  # put every image in this split (default: from the folders, CSV column or shard names)
-    runtime: str = "auto"  # forward: torch | onnx | openvino (exported graph, CPU) | auto (openvino, else onnx, on the CPU; a group's own)
+    runtime: str = "auto"  # forward: torch | onnx | openvino (exported graph, CPU) | auto (onnx, else openvino, on the CPU; a group's own)
 
 
 def extract_configs(base: ExtractConfig, models: list[str], weights: list[str] | None = None) -> list[ExtractConfig]:
@@ -107,7 +107,7 @@ class PredictConfig:
     weights: str | None = None  # the backbone checkpoint, if it moved since extraction (its hash must match)
     top_k: int | None = None  # classes written per image, best first (default: 5 when the head knows more than 5, else 1)
     progress: bool = True  # show a progress bar
-    runtime: str = "auto"  # forward: torch | onnx | openvino (exported graph, CPU) | auto (openvino, else onnx, on the CPU when installed)
+    runtime: str = "auto"  # forward: torch | onnx | openvino (exported graph, CPU) | auto (onnx, else openvino, on the CPU when installed)
 
 
 @dataclass

@@ -69,7 +69,7 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     num_classes : 0 for embeddings; K > 0 keeps the model's classifier over K classes (loaded from ``weights``, e.g. a
         fine-tuned checkpoint), so the outputs are its K logits (``layers`` must then be 'last').
     runtime : 'torch', 'onnx' / 'openvino' (the forward exported once to ONNX and run by ONNX Runtime / OpenVINO; CPU, fp32)
-        or 'auto' (openvino, else onnx, where installed and on the CPU; else torch). A model that fails to export runs
+        or 'auto' (onnx, else openvino, where installed and on the CPU; else torch). A model that fails to export runs
         in torch, with one warning.
     onnx_cache : folder for exported graphs (None: the user's cache folder, ``~/.cache/featx/onnx``).
     """

@@ -31,9 +31,9 @@ _logger = logging.getLogger(__name__)
 RUNTIMES = ("auto", "torch", "onnx", "openvino")
 # Runtimes of the exported graph -> the packages they need, and the extra that installs them.
 GRAPH_RUNTIMES = {"onnx": (("onnxruntime", "onnx"), "onnx"), "openvino": (("openvino", "onnx"), "openvino")}
-# 'auto' on the CPU takes the first one installed: OpenVINO ran this project's Lite0/Lite2 forwards 1.7-1.9x faster
-# than ONNX Runtime, which ran them 2x faster than torch (benchmarks/RESULTS.md, extract_runtimes).
-AUTO_ORDER = ("openvino", "onnx")
+# 'auto' on the CPU takes the first one installed. OpenVINO's pure forward of Lite0 was faster than ONNX Runtime's, but
+# inside featx extract it was slower (benchmarks/RESULTS.md, extract_runtimes), so ONNX Runtime comes first.
+AUTO_ORDER = ("onnx", "openvino")
 ONNX_OPSET = 17  # understood by ONNX Runtime >= 1.14 and OpenVINO
 # The runtime 'auto' stands for, when set (the test suite sets torch: an export per tiny test store costs seconds).
 ENV_RUNTIME = "FEATX_RUNTIME"

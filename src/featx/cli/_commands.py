@@ -62,7 +62,7 @@ def add_extract(sub) -> None:
 def add_runtime_choice(p, target) -> None:
     add_option(p, target, "--runtime", choices=["auto", "torch", "onnx", "openvino"],
                help="what computes the forward pass: torch, or the model exported once to ONNX and run on the CPU by ONNX Runtime "
-                    "(onnx: pip install 'featx[onnx]') or OpenVINO (openvino: 'featx[openvino]'); auto: openvino, else onnx, on the "
+                    "(onnx: pip install 'featx[onnx]') or OpenVINO (openvino: 'featx[openvino]'); auto: onnx, else openvino, on the "
                     "CPU when installed, torch on GPUs (extract: an existing group keeps its own)")
 
 
