@@ -152,6 +152,8 @@ class OnnxForward:
     def __init__(self, path: str | os.PathLike, threads: int | None = None):
         import onnxruntime as ort
 
+        if hasattr(ort, "disable_telemetry_events"):
+            ort.disable_telemetry_events()  # featx sends nothing anywhere (ONNX Runtime keeps a usage database in ~/.cache/Microsoft)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
