@@ -88,10 +88,13 @@ def assert_same_as_predict(export_dir: Path, head_dir: Path, images: Path, tmp_p
     if timm_too:
         import timm
 
-        model = timm.create_model(f"local-dir:{export_dir}", pretrained=True).eval()
-        with torch.inference_mode():
-            p = _in_labels_order(model(torch.from_numpy(x)).softmax(1).numpy(), export_dir, labels)
-        assert (p.argmax(1) == expected.argmax(1)).all() and np.abs(p - expected).max() <= 1e-4
+        config = json.loads((export_dir / "config.json").read_text())
+        overlay = dict(file=str(export_dir / "model.safetensors"), num_classes=config["num_classes"])
+        for model in (timm.create_model(f"local-dir:{export_dir}", pretrained=True),
+                      timm.create_model(config["architecture"], pretrained=True, pretrained_cfg_overlay=overlay)):
+            with torch.inference_mode():
+                p = _in_labels_order(model.eval()(torch.from_numpy(x)).softmax(1).numpy(), export_dir, labels)
+            assert (p.argmax(1) == expected.argmax(1)).all() and np.abs(p - expected).max() <= 1e-4
     return features
 
 
