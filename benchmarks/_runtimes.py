@@ -69,13 +69,13 @@ def _one_model(model: str, src, args, out_dir) -> dict:
     weights = packaged_weights(model)
     t0 = time.perf_counter()
     onnx_emb = ImageEmbedder(model, weights=weights, img_size=SIZE, device="cpu", runtime="onnx",
-                             onnx_cache=str(onnx_cache_dir(out_dir / f"{model}.h5"))).fit()
+                             onnx_cache=str(onnx_cache_dir(out_dir / f"{model}.h5", model))).fit()
     export_s = time.perf_counter() - t0  # model creation + hashing + the one-time export
     torch_emb = ImageEmbedder(model, weights=weights, img_size=SIZE, device="cpu", runtime="torch").fit()
     x = torch.stack([torch_emb.transform_(src.load(i)) for i in range(args.batch_size)])
     tmodel = torch_emb._model_on_device()
-    graph = OnnxForward(next(onnx_cache_dir(out_dir / f"{model}.h5").glob("*.onnx")))
-    ov = _openvino(next(onnx_cache_dir(out_dir / f"{model}.h5").glob("*.onnx")))
+    path = next(onnx_cache_dir(out_dir / f"{model}.h5", model).glob("*.onnx"))  # the graph featx extract will find cached
+    graph, ov = OnnxForward(path), _openvino(path)
     with torch.inference_mode():
         ref = tmodel(x.contiguous(memory_format=torch.channels_last)).numpy()
     gaps = {"onnx": float(np.abs(graph(x).numpy() - ref).max())}
