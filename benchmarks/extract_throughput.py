@@ -15,6 +15,9 @@ and writes the table and the command to benchmarks/RESULTS.md.
 under torchrun with 1 and 2 processes; two backbones in one decode pass against two separate runs;
 and the time to commit a group, or to add images to one, against the size of the store, beside
 what featx 0.1 did (a new copy of the whole store per commit).
+
+``--runtimes`` measures instead (section ``extract_runtimes``, see ``_runtimes.py``): torch against ONNX Runtime (and
+OpenVINO when installed) for EfficientNet-Lite0 and Lite2 at 224 px, pure forwards and ``featx extract --runtime``.
 """
 
 from __future__ import annotations
@@ -116,8 +119,15 @@ def main(argv=None) -> None:
     p.add_argument("--no-write", action="store_true", help="print the table without updating RESULTS.md")
     p.add_argument("--scaling", action="store_true", help="torchrun processes, backbones per pass and store commits instead")
     p.add_argument("--store-rows", default="20000,80000,320000", help="--scaling: rows of the stores to commit into (1280-d float32)")
-    p.add_argument("--repeats", type=int, default=2, help="--scaling: runs of each variant, alternating (the best is reported)")
+    p.add_argument("--repeats", type=int, default=2, help="--scaling, --runtimes: runs of each variant, alternating (the best is reported)")
+    p.add_argument("--runtimes", action="store_true", help="torch vs ONNX Runtime (vs OpenVINO), Lite0 and Lite2 at 224 px, instead")
+    p.add_argument("--images", default=None, help="--runtimes: image folder to read (default: CIFAR-10 from --cifar-tar)")
+    p.add_argument("--threads", type=int, default=None, help="--runtimes: CPU threads (default: torch's)")
     args = p.parse_args(argv)
+    if args.runtimes:
+        from _runtimes import run_runtimes
+
+        return run_runtimes(args)
     if args.scaling:
         from _scaling import run_scaling
 

@@ -14,6 +14,9 @@ from PIL import Image
 # Subprocesses (python -m featx ...) run the same checkout's code as the tests themselves.
 SRC = Path(__file__).resolve().parents[1] / "src"
 os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+# --runtime auto means torch in the tests (an ONNX export per tiny test store would cost seconds each); the runtime tests
+# ask for onnx, or clear this, themselves.
+os.environ["FEATX_RUNTIME"] = "torch"
 
 # One base colour per class: classes are separable even through a random-init tiny backbone.
 CLASS_COLOURS = [(220, 40, 40), (40, 200, 60), (50, 70, 230), (230, 210, 40), (200, 60, 210), (40, 210, 210)]

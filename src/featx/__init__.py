@@ -23,6 +23,7 @@ _EXPORTS = {
     "FitHeadResult": "fitting", "fit_head": "fitting",
     "EvaluationResult": "evaluation", "evaluate_head": "evaluation",
     "PredictResult": "prediction", "predict_images": "prediction",
+    "ExportConfig": "configs", "ExportResult": "exporting", "export_classifier": "exporting",
     "FinetuneResult": "finetuning", "finetune": "finetuning",
     "CompareConfig": "configs", "CompareResult": "comparison", "compare": "comparison",
     "LoadedHead": "head_folder", "load_head": "head_folder", "save_head": "head_folder",
@@ -51,7 +52,9 @@ if TYPE_CHECKING:
     from .comparison import CompareResult, compare  # noqa: F401
     from .configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
     from .embedder import ImageEmbedder  # noqa: F401
+    from .configs import ExportConfig  # noqa: F401
     from .evaluation import EvaluationResult, evaluate_head  # noqa: F401
+    from .exporting import ExportResult, export_classifier  # noqa: F401
     from .extraction import ExtractResult, extract, extract_many  # noqa: F401
     from .finetuning import FinetuneResult, finetune  # noqa: F401
     from .fitting import FitHeadResult, fit_head  # noqa: F401

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 
 from .errors import FeatxError
 
-__all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "DemoConfig", "CompareConfig", "parse_freeze",
+__all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "ExportConfig", "DemoConfig", "CompareConfig", "parse_freeze",
            "FAST_HEADS", "AUGMENTS", "extract_configs"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
@@ -42,6 +42,7 @@ class ExtractConfig:
     overwrite: bool = False  # replace an existing group (or one whose images changed) made with other settings
     progress: bool = True  # show a progress bar
     split: str | None = None  # put every image in this split (default: from the folders, CSV column or shard names)
+    runtime: str = "auto"  # forward: torch | onnx | openvino (exported graph, CPU) | auto (onnx, else openvino, on the CPU; a group's own)
 
     def validate(self) -> None:
         """Raise :class:`FeatxError` when no weights were chosen or the group name cannot be an HDF5 group."""
@@ -119,6 +120,16 @@ class PredictConfig:
     weights: str | None = None  # the backbone checkpoint, if it moved since extraction (its hash must match)
     top_k: int | None = None  # classes written per image, best first (default: 5 when the head knows more than 5, else 1)
     progress: bool = True  # show a progress bar
+    runtime: str = "auto"  # forward: torch | onnx | openvino (exported graph, CPU) | auto (onnx, else openvino, on the CPU when installed)
+
+
+@dataclass
+class ExportConfig:
+    """Options of ``featx export``."""
+
+    formats: str | None = None  # onnx, timm or onnx,timm (default: both, timm where its classifier can hold the head)
+    weights: str | None = None  # the backbone checkpoint, if it moved (its hash must match); with RUN_DIR: the run's checkpoint
+    overwrite: bool = False  # replace an existing export folder
 
 
 @dataclass

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,9 +26,11 @@ from .device import autocast_context, inference_workers, keep_freed_memory, reso
 from .errors import FeatxError
 from .loading import fixed_grid_loader
 from .preprocess import DevicePreprocessor, Geometry, eval_transform
+from .runtimes import GRAPH_RUNTIMES, OnnxExportFailed, cached_onnx, default_cache_dir, graph_forward, resolve_runtime
 from .sources import ImageSource, images_source
+from .taps import EmbeddingNet, parse_taps, pooling_name, tapped
 
-__all__ = ["ImageEmbedder", "EmbeddedBatch", "embed_together", "pooling_name"]
+__all__ = ["ImageEmbedder", "EmbeddedBatch", "EmbeddingNet", "embed_together", "pooling_name", "head_embedder", "run_embedder"]
 
 _logger = logging.getLogger(__name__)
 
@@ -41,109 +44,6 @@ class EmbeddedBatch:
     bad: list[tuple[int, str]]  # (image index, reason) of unreadable images
     next_image: int  # first image index after this batch
     digests: list[str] | None = None  # content digest of each row's image (aligned with index), when asked for
-
-
-def pooling_name(model: torch.nn.Module) -> str:
-    pool = getattr(model, "global_pool", None)
-    if isinstance(pool, str):
-        return pool or "none"
-    return str(getattr(pool, "pool_type", type(pool).__name__ if pool is not None else "model-default"))
-
-
-@dataclass(frozen=True)
-class Tap:
-    """One pooled output in the embedding: 'last', a stage ('-2': timm's feature_info, from the end) or a block ('b-2':
-    the output of a block, counted from the end, for models with ``forward_intermediates(extra_blocks=True)``)."""
-
-    name: str
-    index: int | None  # absolute stage or block index; None for 'last'
-    start: int
-    stop: int
-
-    @property
-    def dim(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def block(self) -> bool:
-        return self.name.startswith("b")
-
-
-def parse_taps(layers: str, model: torch.nn.Module, model_name: str) -> list[Tap]:
-    """``'last,-1,-2'`` or ``'last,b-1,b-2'`` -> taps with their column ranges, checked against the model."""
-    names = [t.strip() for t in str(layers).split(",") if t.strip()]
-    if not names:
-        raise FeatxError("--layers is empty; use last, or last plus stages counted from the end, e.g. last,-1,-2")
-    if len(set(names)) < len(names):
-        raise FeatxError(f"--layers names '{next(n for n in names if names.count(n) > 1)}' twice")
-    index = {n: _tap_index(n, model, model_name) for n in names}
-    if len({n.startswith("b") for n in names if n != "last"}) > 1:
-        raise FeatxError("--layers mixes stage taps (-1) and block taps (b-1); use one kind")
-    dims = _tap_dims(model, index)
-    taps, start = [], 0
-    for name in names:
-        taps.append(Tap(name, index[name], start, start + dims[name]))
-        start += dims[name]
-    return taps
-
-
-def _tap_index(name: str, model: torch.nn.Module, model_name: str) -> int | None:
-    """Absolute stage (or block) index of a tap counted from the end; None for 'last'."""
-    import inspect
-
-    if name == "last":
-        return None
-    block = name.startswith("b")
-    try:
-        k = int(name[1:] if block else name)
-    except ValueError:
-        raise FeatxError(f"unknown --layers entry '{name}'; use last, a stage such as -1 or a block such as b-1") from None
-    if not hasattr(model, "forward_intermediates"):
-        raise FeatxError(f"'{model_name}' exposes no stages (timm forward_intermediates); use --layers last")
-    if block and "extra_blocks" not in inspect.signature(model.forward_intermediates).parameters:
-        raise FeatxError(f"'{model_name}' has no block taps (forward_intermediates(extra_blocks=...)); use stage taps such as -1")
-    count = len(model.blocks) + 1 if block else len(getattr(model, "feature_info", []) or [])
-    what = "blocks (stem included)" if block else "stages"
-    if not -count <= k <= -1:
-        prefix = "b" if block else ""
-        raise FeatxError(f"--layers {name}: '{model_name}' has {count} {what}; use {prefix}-1 .. {prefix}-{count} (or last)")
-    return count + k
-
-
-@torch.inference_mode()
-def _tap_dims(model: torch.nn.Module, index: dict) -> dict:
-    """Width of every tap, from one forward of a blank image at the model's input size."""
-    from timm.data import resolve_model_data_config
-
-    dims = {n: int(model.num_features) for n, i in index.items() if i is None}
-    taps = [n for n, i in index.items() if i is not None]
-    if taps:
-        size = resolve_model_data_config(model)["input_size"]
-        was_training = model.training
-        x = torch.zeros(1, *size)
-        pooled = _pooled(model.eval(), x, [index[n] for n in taps], any(n.startswith("b") for n in taps), want_last=False)[1]
-        model.train(was_training)
-        dims.update({n: int(pooled[index[n]].shape[1]) for n in taps})
-    return dims
-
-
-def _pooled(model: torch.nn.Module, x: torch.Tensor, indices: list[int], blocks: bool, want_last: bool):
-    """(model output before the head or None, {index: globally average-pooled output}) from one forward pass."""
-    kwargs = {"extra_blocks": True} if blocks else {}
-    wanted = sorted(set(indices))
-    out = model.forward_intermediates(x, indices=wanted, intermediates_only=not want_last, **kwargs)
-    final, inter = out if want_last else (None, out)
-    return final, {i: f.float().mean((2, 3)) for i, f in zip(wanted, inter)}
-
-
-def _tapped(model: torch.nn.Module, x: torch.Tensor, taps: list[Tap]) -> torch.Tensor:
-    """Every tap from one forward pass: stages or blocks pooled, 'last' as the model's own pooled pre-logits."""
-    want_last = any(t.index is None for t in taps)
-    indices = [t.index for t in taps if t.index is not None]
-    final, pooled = _pooled(model, x, indices, any(t.block for t in taps), want_last) if indices else (None, {})
-    if want_last and final is None:
-        return model(x)
-    return torch.cat([model.forward_head(final, pre_logits=True).float() if t.index is None else pooled[t.index] for t in taps], 1)
 
 
 class ImageEmbedder(TransformerMixin, BaseEstimator):
@@ -168,12 +68,17 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
     random_state : seed of the initialisation when no weights are loaded.
     num_classes : 0 for embeddings; K > 0 keeps the model's classifier over K classes (loaded from ``weights``, e.g. a
         fine-tuned checkpoint), so the outputs are its K logits (``layers`` must then be 'last').
+    runtime : 'torch', 'onnx' / 'openvino' (the forward exported once to ONNX and run by ONNX Runtime / OpenVINO; CPU, fp32)
+        or 'auto' (onnx, else openvino, where installed and on the CPU; else torch). A model that fails to export runs
+        in torch, with one warning.
+    onnx_cache : folder for exported graphs (None: the user's cache folder, ``~/.cache/featx/onnx``).
     """
 
     def __init__(self, model: str = "tf_efficientnet_lite0", *, pretrained: bool = False, weights: str | None = None,
                  img_size: int | None = None, device: str = "auto", precision: str = "auto", batch_size: int = 64,
                  workers: int | None = None, preprocess: str = "auto", channels_last: bool = True, compile: bool = False,
-                 layers: str = "last", tta: str | None = None, random_state: int = 0, num_classes: int = 0):
+                 layers: str = "last", tta: str | None = None, random_state: int = 0, num_classes: int = 0,
+                 runtime: str = "torch", onnx_cache: str | None = None):
         self.model = model
         self.pretrained = pretrained
         self.weights = weights
@@ -189,6 +94,8 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         self.tta = tta
         self.random_state = random_state
         self.num_classes = num_classes
+        self.runtime = runtime
+        self.onnx_cache = onnx_cache
 
     # -- building ------------------------------------------------------------------------------
     def fit(self, X=None, y=None) -> "ImageEmbedder":
@@ -210,7 +117,31 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise FeatxError(f"unknown --tta '{self.tta}'; use flip (or leave it out)")
         self.num_features_ = self.num_classes or sum(t.dim for t in self.taps_)
         self._forward_model = None
+        self.runtime_ = resolve_runtime(self.runtime, self.device_, self.precision_, self.compile)
+        self._graph = self._graph_forward() if self.runtime_ in GRAPH_RUNTIMES else None
+        if self._graph is None:
+            self.runtime_ = "torch"
         return self
+
+    def embedding_net(self) -> EmbeddingNet:
+        """The backbone with its taps and flip averaging as one module (on the CPU, eval mode)."""
+        check_is_fitted(self, "model_")
+        return EmbeddingNet(self.model_.eval(), self.taps_, self.tta)
+
+    def _graph_identity(self) -> dict:
+        keys = ("model", "weights_sha256", "img_size", "pooling", "layers", "tta")
+        return {**{k: v for k, v in self.identity(runtime=False).items() if k in keys}, "num_classes": self.num_classes,
+                "input_size": list(self.data_config_["input_size"])}
+
+    def _graph_forward(self):
+        """The forward exported to ONNX (cached) and loaded in the runtime; None, after one warning, when it cannot be."""
+        example = torch.zeros(2, *self.data_config_["input_size"])
+        try:
+            path = cached_onnx(self.embedding_net(), example, self.onnx_cache or default_cache_dir(), self.model, self._graph_identity())
+            return graph_forward(self.runtime_, path)
+        except OnnxExportFailed as e:
+            _logger.warning("'%s' could not be run as an ONNX graph (%s); computing it with --runtime torch", self.model, e)
+            return None
 
     def _preprocess_mode(self) -> str:
         mode = self.preprocess
@@ -222,10 +153,10 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
             raise FeatxError(f"unknown preprocessing '{mode}'; use auto, device or host")
         return mode
 
-    def identity(self) -> dict:
+    def identity(self, runtime: bool = True) -> dict:
         """What determines the embeddings besides the images: recorded with them and compared on reuse."""
         check_is_fitted(self, "model_")
-        return {
+        return ({"runtime": self.runtime_} if runtime else {}) | {
             "model": self.model,
             "weights_sha256": self.info_.weights_sha256,
             "data_config": json.dumps(self.data_config_, sort_keys=True, default=list),
@@ -260,16 +191,18 @@ class ImageEmbedder(TransformerMixin, BaseEstimator):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast_context(self.device_, self.precision_):
-            return (model(x) if [t.name for t in self.taps_] == ["last"] else _tapped(model, x, self.taps_)).float()
+            return (model(x) if [t.name for t in self.taps_] == ["last"] else tapped(model, x, self.taps_)).float()
 
     @torch.inference_mode()
     def embed_prepared(self, prepared: list[torch.Tensor]) -> torch.Tensor:
         """Embeddings [len(prepared), D] (float32, on the device) of images returned by :meth:`prepare`."""
-        model = self._model_on_device()
         if self._device_pre is not None:
             x = self._device_pre(prepared, self.device_)
         else:
             x = torch.stack(prepared).to(self.device_, non_blocking=True)
+        if self._graph is not None:  # the graph computes taps and flip averaging itself
+            return self._graph(x)
+        model = self._model_on_device()
         views = [x, x.flip(3)] if self.tta == "flip" else [x]
         if self.device_.type == "cuda" and len(views) > 1:
             views = [torch.cat(views)]  # one batched forward of the image and its mirror
@@ -349,3 +282,52 @@ def embed_together(embedders: list[ImageEmbedder], source: ImageSource, *, start
             yield pending
     except torch.OutOfMemoryError:
         raise FeatxError(f"out of memory on {first.device_} at batch size {batch_size}; rerun with a smaller --batch-size") from None
+
+
+def head_embedder(head, *, device: str = "auto", batch_size: int = 64, workers: int | None = None,
+                  weights: str | None = None, runtime: str = "torch") -> ImageEmbedder:
+    """The backbone a head's features came from (a :class:`~featx.head_folder.LoadedHead`), rebuilt and checked (weights
+    hash, preprocessing): what ``featx predict`` and ``featx export`` run."""
+    bb = head.meta["backbone"]
+    recorded = bb.get("weights") or "random"
+    ckpt = weights or (None if recorded in ("random", "timm-pretrained") else recorded)
+    if ckpt is not None and not Path(ckpt).is_file():
+        raise FeatxError(f"the checkpoint the head's features came from, '{ckpt}', does not exist; pass its new location with --weights PATH")
+    mode = json.loads(bb.get("preprocessing") or "{}").get("mode", "host")
+    embedder = ImageEmbedder(bb["model"], pretrained=recorded == "timm-pretrained" and weights is None, weights=ckpt,
+                             img_size=bb.get("img_size"), device=device, precision=_precision(bb.get("precision"), device),
+                             batch_size=batch_size, workers=workers, preprocess=mode, layers=bb.get("layers") or "last",
+                             tta=None if bb.get("tta") in (None, "none") else bb["tta"], runtime=runtime).fit()
+    if embedder.info_.weights_sha256 != bb.get("weights_sha256"):
+        raise FeatxError(
+            f"the backbone weights ({embedder.info_.weights}) hash to {embedder.info_.weights_sha256[:12]}..., but head "
+            f"'{head.path}' was fitted on features of weights {str(bb.get('weights_sha256'))[:12]}...; restore the original "
+            "checkpoint or refit the head on features of these weights"
+        )
+    rebuilt = embedder.identity()["data_config"]
+    if bb.get("data_config") and rebuilt != bb["data_config"]:
+        raise FeatxError(f"rebuilt preprocessing {rebuilt} differs from the recorded {bb['data_config']}; "
+                         "use the timm version the features were extracted with")
+    return embedder
+
+
+def run_embedder(run, *, device: str = "auto", batch_size: int = 64, workers: int | None = None,
+                 runtime: str = "torch") -> ImageEmbedder:
+    """A fine-tuning run's model (a :class:`~featx.run_folder.LoadedRun`), classifier included (its outputs are logits), with
+    the preprocessing the run was evaluated with."""
+    embedder = ImageEmbedder(run.model_name, weights=str(run.checkpoint), img_size=run.img_size, device=device,
+                             precision=_precision(run.precision, device), batch_size=batch_size, workers=workers,
+                             preprocess="host", num_classes=len(run.class_names), runtime=runtime).fit()
+    rebuilt = json.loads(json.dumps(embedder.data_config_, default=list))
+    if rebuilt != run.data_config:
+        raise FeatxError(f"rebuilt preprocessing {rebuilt} differs from the run's {run.data_config}; "
+                         "use the timm version the run was made with")
+    return embedder
+
+
+def _precision(precision: str | None, device: str) -> str:
+    precision = precision or "fp32"
+    if precision == "fp16" and resolve_device(device).type == "cpu":
+        _logger.warning("the backbone ran in fp16, which this CPU cannot run; using fp32 (predictions may differ slightly)")
+        return "fp32"
+    return precision

@@ -46,7 +46,8 @@ TORCH_FILE = "head.pt"
 FORMAT = "featx-head/1"
 # Store attributes copied into the sidecar: what predict needs to rebuild and verify the backbone.
 BACKBONE_ATTRS = ("model", "weights", "weights_sha256", "weights_file_sha256", "weights_load", "img_size", "data_config", "preprocessing",
-                  "geometry", "precision", "pooling", "dtype", "num_features", "image_list_sha256", "source", "layers", "tta", "taps")
+                  "geometry", "precision", "pooling", "dtype", "num_features", "image_list_sha256", "source", "layers", "tta", "taps",
+                  "runtime")
 
 
 def _read_sidecar(path: Path) -> dict:

@@ -4,7 +4,6 @@ or a fine-tuning run's model (backbone and classifier, with the run's eval prepr
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 import time
@@ -16,12 +15,12 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .configs import PredictConfig
-from .embedder import ImageEmbedder
+from .embedder import ImageEmbedder, head_embedder, run_embedder
 from .errors import FeatxError
 from .files import atomic_path, check_writable
-from .head_folder import LoadedHead, load_head
+from .head_folder import load_head
 from .metrics import softmax
-from .run_folder import LoadedRun, is_run_folder, load_run
+from .run_folder import is_run_folder, load_run
 from .sources import ImageSource, resolve_source
 
 __all__ = ["PredictResult", "predict_images"]
@@ -109,14 +108,15 @@ class _Classifier:
 
 def _head_classifier(head_dir, config: PredictConfig) -> _Classifier:
     head = load_head(head_dir)
-    embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights)
+    embedder = head_embedder(head, device=config.device, batch_size=config.batch_size, workers=config.workers, weights=config.weights,
+                             runtime=config.runtime)
     return _Classifier(embedder, head.class_names, int(head.meta["feature_dim"]), head.scores,
                        float16=head.meta["backbone"].get("dtype") == "float16")
 
 
 def _run_classifier(run_dir, config: PredictConfig) -> _Classifier:
     run = load_run(run_dir, config.weights)
-    embedder = run_embedder(run, device=config.device, batch_size=config.batch_size, workers=config.workers)
+    embedder = run_embedder(run, device=config.device, batch_size=config.batch_size, workers=config.workers, runtime=config.runtime)
     return _Classifier(embedder, run.class_names, len(run.class_names), lambda logits: softmax(logits.astype(np.float64)))
 
 
@@ -150,54 +150,6 @@ def _accuracy(truth, predicted, splits) -> tuple[float | None, dict]:
             if m.any():
                 by_split[name] = {"accuracy": float(hits[m].mean()), "n": int(m.sum())}
     return float(hits[scored].mean()), by_split
-
-
-def head_embedder(head: LoadedHead, *, device: str = "auto", batch_size: int = 64, workers: int | None = None,
-                  weights: str | None = None) -> ImageEmbedder:
-    """The backbone the head's features came from, rebuilt and checked (weights hash, preprocessing)."""
-    bb = head.meta["backbone"]
-    recorded = bb.get("weights") or "random"
-    ckpt = weights or (None if recorded in ("random", "timm-pretrained") else recorded)
-    if ckpt is not None and not Path(ckpt).is_file():
-        raise FeatxError(f"the checkpoint the head's features came from, '{ckpt}', does not exist; pass its new location with --weights PATH")
-    mode = json.loads(bb.get("preprocessing") or "{}").get("mode", "host")
-    embedder = ImageEmbedder(bb["model"], pretrained=recorded == "timm-pretrained" and weights is None, weights=ckpt,
-                             img_size=bb.get("img_size"), device=device, precision=_precision(bb.get("precision"), device),
-                             batch_size=batch_size, workers=workers, preprocess=mode, layers=bb.get("layers") or "last",
-                             tta=None if bb.get("tta") in (None, "none") else bb["tta"]).fit()
-    if embedder.info_.weights_sha256 != bb.get("weights_sha256"):
-        raise FeatxError(
-            f"the backbone weights ({embedder.info_.weights}) hash to {embedder.info_.weights_sha256[:12]}..., but head "
-            f"'{head.path}' was fitted on features of weights {str(bb.get('weights_sha256'))[:12]}...; restore the original "
-            "checkpoint or refit the head on features of these weights"
-        )
-    rebuilt = embedder.identity()["data_config"]
-    if bb.get("data_config") and rebuilt != bb["data_config"]:
-        raise FeatxError(f"rebuilt preprocessing {rebuilt} differs from the recorded {bb['data_config']}; "
-                         "use the timm version the features were extracted with")
-    return embedder
-
-
-def run_embedder(run: LoadedRun, *, device: str = "auto", batch_size: int = 64, workers: int | None = None) -> ImageEmbedder:
-    """The run's model, classifier included (its outputs are logits), with the preprocessing the run was evaluated with."""
-    embedder = ImageEmbedder(run.model_name, weights=str(run.checkpoint), img_size=run.img_size, device=device,
-                             precision=_precision(run.precision, device), batch_size=batch_size, workers=workers,
-                             preprocess="host", num_classes=len(run.class_names)).fit()
-    rebuilt = json.loads(json.dumps(embedder.data_config_, default=list))
-    if rebuilt != run.data_config:
-        raise FeatxError(f"rebuilt preprocessing {rebuilt} differs from the run's {run.data_config}; "
-                         "use the timm version the run was made with")
-    return embedder
-
-
-def _precision(precision: str | None, device: str) -> str:
-    from .device import resolve_device
-
-    precision = precision or "fp32"
-    if precision == "fp16" and resolve_device(device).type == "cpu":
-        _logger.warning("the backbone ran in fp16, which this CPU cannot run; using fp32 (predictions may differ slightly)")
-        return "fp32"
-    return precision
 
 
 def _embed(embedder: ImageEmbedder, src: ImageSource, dim: int, progress: bool) -> tuple[np.ndarray, dict[int, str]]:

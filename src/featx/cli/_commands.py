@@ -6,7 +6,7 @@ import argparse
 import json
 import logging
 
-from ..configs import AUGMENTS, CompareConfig, DemoConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
+from ..configs import AUGMENTS, CompareConfig, DemoConfig, ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ..files import check_writable
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
                        non_negative_int, number, positive_int, positive_number)
@@ -58,7 +58,15 @@ def add_extract(sub) -> None:
     add_option(p, ExtractConfig, "--overwrite", action="store_true",
                help="replace an existing group made with other settings or from images that changed since")
     p.add_argument("--json", action="store_true", help="print each group's result as one JSON object per line at the end")
+    add_runtime_choice(p, ExtractConfig)
     p.set_defaults(func=cmd_extract)
+
+
+def add_runtime_choice(p, target) -> None:
+    add_option(p, target, "--runtime", choices=["auto", "torch", "onnx", "openvino"],
+               help="what computes the forward pass: torch, or the model exported once to ONNX and run on the CPU by ONNX Runtime "
+                    "(onnx: pip install 'featx[onnx]') or OpenVINO (openvino: 'featx[openvino]'); auto: onnx, else openvino, on the "
+                    "CPU when installed, torch on GPUs (extract: an existing group keeps its own)")
 
 
 def cmd_extract(args) -> int:
@@ -174,6 +182,7 @@ def add_predict(sub) -> None:
     add_option(p, PredictConfig, "--top-k", type=positive_int, metavar="K",
                help="classes written per image with their probabilities, best first (default: 5 when the head knows more than 5, else 1)")
     add_runtime_options(p, PredictConfig, names=("device", "batch_size", "workers", "progress"))
+    add_runtime_choice(p, PredictConfig)
     p.set_defaults(func=cmd_predict)
 
 
@@ -182,6 +191,29 @@ def cmd_predict(args) -> int:
     from ..prediction import predict_images
 
     return _print_result(predict_images(args.head_dir, args.source, args.out, config_from(PredictConfig, args)))
+
+
+def add_export(sub) -> None:
+    p = sub.add_parser("export", help="write a head with its backbone, or a fine-tuned run, as ONNX and timm files",
+                       description="Write the classifier of HEAD_DIR (the head folded onto its backbone, taps and flip included) or "
+                                   "RUN_DIR into the new folder DIR: model.onnx (normalised images in; class probabilities and "
+                                   "features out), timm's model.safetensors + config.json (where timm's classifier can hold the head), "
+                                   "preprocess.json and labels.txt. kNN and RBF-SVM heads cannot be one network and are refused.")
+    p.add_argument("head_dir", metavar="HEAD_DIR|RUN_DIR", help="head folder of featx fit-head, or run folder of featx finetune")
+    p.add_argument("--out", required=True, metavar="DIR", help="export folder to create")
+    add_option(p, ExportConfig, "--format", dest="formats", metavar="onnx,timm",
+               help="what to write: onnx, timm or both (default: both, timm only where its classifier can hold the head)")
+    add_option(p, ExportConfig, "--weights", metavar="PATH",
+               help="the backbone checkpoint, if it moved since extraction (its hash must match); with RUN_DIR: the checkpoint to export")
+    add_option(p, ExportConfig, "--overwrite", action="store_true", help="replace DIR if it exists")
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object on the last line")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from ..exporting import export_classifier
+
+    return _print_result(export_classifier(args.head_dir, args.out, config_from(ExportConfig, args)), args.json)
 
 
 # -- finetune ----------------------------------------------------------------------------------
@@ -297,4 +329,4 @@ def cmd_compare(args) -> int:
     return _print_result(result, args.json)
 
 
-COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_finetune, add_compare, add_demo]
+COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_export, add_finetune, add_compare, add_demo]

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 
 from ..configs import ExtractConfig
+from ..device import resolve_device
 from ..embedder import ImageEmbedder
 from ..errors import FeatxError
 from ..files import safe_name
 from ..provenance import provenance
+from ..runtimes import graph_usable, runtime_available
 from ..sources import ImageSource
 from ..store import FeatureStore, StoreKey, forget_committed_journals, group_attrs
 
-__all__ = ["Job", "plan_job", "group_meta"]
+__all__ = ["Job", "plan_job", "group_meta", "onnx_cache_dir"]
 
 _logger = logging.getLogger(__name__)
 _IMAGE_FIELDS = {"image_list_sha256", "image_stamps_sha256"}
@@ -44,16 +46,20 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
     """
     log = _logger.info if speak else _logger.debug
     warn = _logger.warning if speak else _logger.debug
+    key = config.key or config.model
+    existing = group_attrs(out, key)
+    runtime, recorded = config.runtime, (existing or {}).get("runtime", "torch")
+    if runtime == "auto" and existing is not None and not config.overwrite and runtime_available(recorded) and (
+            recorded == "torch" or graph_usable(resolve_device(device), config.precision, config.compile)):
+        runtime = recorded  # auto keeps a group's own runtime: a rerun stays a cache hit, added images match its rows
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=device, precision=config.precision, batch_size=config.batch_size, workers=config.workers,
                              preprocess=config.preprocess, channels_last=config.channels_last, compile=config.compile,
-                             layers=config.layers, tta=config.tta).fit()
-    key = config.key or config.model
+                             layers=config.layers, tta=config.tta, runtime=runtime, onnx_cache=str(onnx_cache_dir(out, key))).fit()
     store_key = StoreKey(**embedder.identity(), dtype=config.dtype, image_list_sha256=src.fingerprint(),
                          image_stamps_sha256=src.stamps_fingerprint())
     if speak:
         _warn_about_other_journals(out, key, world)
-    existing = group_attrs(out, key)
     job = Job(config, key, embedder, store_key, np.arange(len(src)), existing)
     if existing is None:
         return job
@@ -76,6 +82,13 @@ def plan_job(config: ExtractConfig, src: ImageSource, out: Path, device: str, wo
             return job
     raise FeatxError(f"'{out}' already holds '{key}' made with different {', '.join(diff)}{detail}; "
                      "pass --key NAME to store these features beside it, or --overwrite to replace it")
+
+
+def onnx_cache_dir(out: Path, key: str | None = None) -> Path:
+    """Where the ONNX graphs of a store's backbones are cached: ``FEATURES.h5.onnx/<key>/`` beside it, one graph per key
+    (named by a hash of what shapes it, as the store's key names what made the features)."""
+    folder = out.with_name(out.name + ".onnx")
+    return folder / safe_name(key) if key is not None else folder
 
 
 def _grown_by(out: Path, key: str, src: ImageSource) -> tuple[np.ndarray | None, str]:

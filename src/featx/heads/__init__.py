@@ -21,7 +21,7 @@ _LAZY = {
     "TorchLinearClassifier": "_torch_linear", "LinearHeads": "_torch_linear", "train_linear_heads": "_torch_linear",
     "MLPClassifier": "_mlp",
     "AUTO_EARLY_STOPPING_ROWS": "_torch_base", "early_stopping_split": "_torch_base", "auto_epochs": "_torch_base",
-    "heads_linear_map": "_linear_map",
+    "heads_linear_map": "_linear_map", "heads_score_map": "_linear_map", "fold_affine_steps": "_linear_map",
     "LogisticRegressionClassifier": "_logreg", "RidgeClassifier": "_ridge", "KNNClassifier": "_knn",
     "showing_progress": "_progress", "grid_edges": "_sweep",
 }
@@ -40,7 +40,7 @@ def __getattr__(name: str):
 
 if TYPE_CHECKING:
     from ._knn import KNNClassifier  # noqa: F401
-    from ._linear_map import heads_linear_map  # noqa: F401
+    from ._linear_map import fold_affine_steps, heads_linear_map, heads_score_map  # noqa: F401
     from ._logreg import LogisticRegressionClassifier  # noqa: F401
     from ._progress import showing_progress  # noqa: F401
     from ._ridge import RidgeClassifier  # noqa: F401

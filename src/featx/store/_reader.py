@@ -35,6 +35,7 @@ class StoreKey:
     image_stamps_sha256: str = ""  # hash of every image file's size and mtime (shards': for tar members)
     layers: str = "last"  # pooled outputs concatenated: 'last', stages or blocks counted from the end
     tta: str = "none"  # test-time augmentation: none | flip
+    runtime: str = "torch"  # what computed the forward pass: torch | onnx (ONNX Runtime)
 
     def differences(self, attrs) -> list[str]:
         """Fields whose recorded value differs. A field a store predates counts as its default (layers, tta), except
