@@ -84,7 +84,7 @@ def _pipeline_state(pipeline: Pipeline) -> tuple[list[dict], dict[str, torch.Ten
         if isinstance(step, Normalizer):
             steps.append({"name": name, "type": "Normalizer", "norm": step.norm})
         elif type(step).__name__ == "TapNormalizer":
-            steps.append({"name": name, "type": "TapNormalizer", "blocks": [list(b) for b in step.blocks]})
+            steps.append({"name": name, "type": "TapNormalizer", "blocks": None if step.blocks is None else [list(b) for b in step.blocks]})
         elif isinstance(step, StandardScaler):
             steps.append({"name": name, "type": "StandardScaler", "n_samples_seen": int(np.max(step.n_samples_seen_))})
             tensors[f"pre.{name}.mean"] = torch.from_numpy(np.asarray(step.mean_, np.float64))
@@ -107,7 +107,7 @@ def _rebuild_step(spec: dict, state: dict[str, torch.Tensor], dim: int):
     if spec["type"] == "TapNormalizer":
         from .heads._taps import TapNormalizer
 
-        step = TapNormalizer(tuple(tuple(b) for b in spec["blocks"]))
+        step = TapNormalizer(None if spec["blocks"] is None else tuple(tuple(b) for b in spec["blocks"]))
         step.n_features_in_ = dim
     elif spec["type"] == "Normalizer":
         step = Normalizer(norm=spec["norm"])
