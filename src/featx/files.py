@@ -7,13 +7,15 @@ POSIX and Windows), so a kill leaves either the old file or the new one, never a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "jsonable", "replace_folder", "safe_name", "public_mode"]
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "jsonable", "replace_folder", "safe_name", "public_mode",
+           "file_sha256", "check_checkpoint_file"]
 
 
 def _temporary(path: Path, tag: str = "tmp") -> Path:
@@ -86,3 +88,24 @@ def public_mode(path: str | os.PathLike) -> None:
 def safe_name(text: str) -> str:
     """``text`` with every character that is not safe in a file name replaced by ``_``."""
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is an existing file; a :class:`FeatxError` naming the fix otherwise."""
+    from .errors import FeatxError
+
+    path = Path(path)
+    if path.is_dir():
+        raise FeatxError(f"--weights '{path}' is a folder; pass the checkpoint file inside it (e.g. {path}/best.pt)")
+    if not path.is_file():
+        raise FeatxError(f"checkpoint '{path}' does not exist")
+    return path

@@ -24,18 +24,20 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from sklearn.decomposition import PCA
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .errors import FeatxError
 from .files import jsonable, replace_folder, write_json_atomic
 from .heads import full_scores, is_torch_head
 from .heads._registry import torch_head_class
 
-__all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "save_head", "check_head_folder"]
+if TYPE_CHECKING:  # torch and scikit-learn are imported where heads are written or read, not to check a folder or read its sidecar
+    import torch
+    from sklearn.pipeline import Pipeline
+
+__all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "read_head_meta", "save_head", "check_head_folder"]
 
 _logger = logging.getLogger(__name__)
 
@@ -79,6 +81,10 @@ def check_head_folder(out: Path, request: dict, overwrite: bool) -> None:
 
 def _pipeline_state(pipeline: Pipeline) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Preprocessing steps as JSON specs plus arrays, so torch heads load without pickle."""
+    import torch
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
     steps, tensors = [], {}
     for name, step in pipeline.steps[:-1]:
         if isinstance(step, Normalizer):
@@ -99,6 +105,9 @@ def _pipeline_state(pipeline: Pipeline) -> tuple[list[dict], dict[str, torch.Ten
 
 
 def _rebuild_step(spec: dict, state: dict[str, torch.Tensor], dim: int):
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
     name = spec["name"]
 
     def arr(attr):
@@ -154,6 +163,8 @@ def _write_estimator(pipeline: Pipeline, folder: Path) -> dict:
     """Save the fitted pipeline into ``folder``; returns the sidecar's ``serialization`` entry."""
     head = pipeline.named_steps["head"]
     if is_torch_head(head):
+        import torch
+
         steps, tensors = _pipeline_state(pipeline)
         tensors.update({f"head.{k}": v.contiguous() for k, v in head.state_tensors().items()})
         torch.save(tensors, folder / TORCH_FILE)
@@ -198,12 +209,18 @@ class LoadedHead:
         return full_scores(self.pipeline, X, len(self.class_names))
 
 
-def load_head(path: str | os.PathLike) -> LoadedHead:
-    """Read a head folder written by ``featx fit-head``. joblib heads must come from a trusted source."""
+def read_head_meta(path: str | os.PathLike) -> dict:
+    """The sidecar of the head folder ``path`` (checked: the folder exists and holds a featx head), without loading the head."""
     path = Path(path)
     if not path.is_dir():
         raise FeatxError(f"head folder '{path}' does not exist; create it with 'featx fit-head FEATURES.h5 --head NAME --out {path}'")
-    meta = _read_sidecar(path)
+    return _read_sidecar(path)
+
+
+def load_head(path: str | os.PathLike) -> LoadedHead:
+    """Read a head folder written by ``featx fit-head``. joblib heads must come from a trusted source."""
+    path = Path(path)
+    meta = read_head_meta(path)
     ser = meta.get("serialization", {})
     file = path / ser.get("file", "")
     if not file.is_file():
@@ -220,6 +237,9 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
 
 
 def _read_torch_head(file: Path, meta: dict, path: Path) -> Pipeline:
+    import torch
+    from sklearn.pipeline import Pipeline
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..configs import FAST_HEADS, CompareConfig
 from ..errors import FeatxError
 
-__all__ = ["Backbone", "parse_models", "parse_heads", "variant_key"]
+__all__ = ["Backbone", "parse_models", "parse_heads", "variant_key", "is_store"]
 
 
 @dataclass(frozen=True)
@@ -64,3 +64,11 @@ def parse_heads(text: str) -> list[str]:
         raise FeatxError(f"unknown head{'s' if len(bad) > 1 else ''} {', '.join(bad) or '(none given)'} in --heads; "
                          f"choose from {', '.join(HEADS)} or 'all' (default: {','.join(FAST_HEADS)})")
     return names
+
+
+def is_store(source) -> bool:
+    """True when ``source`` names an HDF5 file (a feature store to compare the groups of) rather than images."""
+    from ..store import is_hdf5_file
+
+    path = Path(source)
+    return path.is_file() and path.suffix.lower() in (".h5", ".hdf5") and is_hdf5_file(path)

@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils._available_if import available_if
 from sklearn.utils.multiclass import check_classification_targets
@@ -192,6 +191,8 @@ def _record(result: SweepResult, grid: list[dict], scored: list[dict], seconds: 
 
 def _accuracy_on_rows(head, rows) -> float:
     """Accuracy of a fitted head on :class:`~featx.heads._rows.Rows` (chunk by chunk; ``rows.y`` are class indices)."""
+    import torch  # rows streamed from disk are torch heads' business; sweeps of scikit-learn heads never load torch
+
     correct = 0
     for X, y in rows.chunks(torch.device("cpu")):
         correct += int((head.predict(X.numpy()) == head.classes_[y.numpy()]).sum())
