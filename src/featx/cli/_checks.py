@@ -14,10 +14,6 @@ from ..errors import FeatxError
 
 __all__ = ["fit_head_inputs", "evaluate_inputs", "predict_inputs", "finetune_inputs", "compare_inputs"]
 
-# --weights values that name weights instead of a checkpoint file
-_NAMED_WEIGHTS = ("package", "random")
-
-
 def fit_head_inputs(args: argparse.Namespace) -> None:
     """The head's name, the store and its group."""
     from ..heads import check_head_name
@@ -52,12 +48,12 @@ def predict_inputs(args: argparse.Namespace):
 
 def finetune_inputs(args: argparse.Namespace, config):
     """The options, the checkpoint, the head to start from and the images (returned as an ImageSource)."""
-    from ..files import check_checkpoint_file
+    from ..files import NAMED_WEIGHTS, check_checkpoint_file
     from ..head_folder import read_head_meta
     from ..sources import resolve_source
 
     config.validate()
-    if config.weights is not None and config.weights not in _NAMED_WEIGHTS:
+    if config.weights is not None and config.weights not in NAMED_WEIGHTS:
         check_checkpoint_file(config.weights)
     if config.init_head is not None:
         read_head_meta(config.init_head)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..configs import ExtractConfig
 from ..errors import FeatxError
-from ..files import check_checkpoint_file, file_sha256, safe_name
+from ..files import NAMED_WEIGHTS, check_checkpoint_file, file_sha256, safe_name
 from ..provenance import code_versions
 from ..sources import ImageSource, resolve_source
 from ..store import check_store_path, group_attrs
@@ -34,8 +34,6 @@ __all__ = ["KEY_OPTIONS", "key_request", "check_extraction", "cache_hits"]
 # An option that changes the features goes here (and into StoreKey): requests recorded without it then differ.
 KEY_OPTIONS = ("model", "pretrained", "img_size", "preprocess", "layers", "tta", "dtype")
 
-# --weights values that name weights instead of a checkpoint file.
-_NAMED_WEIGHTS = ("package", "random")
 # Device files through which torch could reach a GPU (NVIDIA, AMD ROCm, WSL); without any, device 'auto' is the CPU.
 _GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
@@ -68,7 +66,7 @@ def check_extraction(source: str | os.PathLike | ImageSource, configs: list[Extr
     check_store_path(out)
     check_configs(configs)
     for c in configs:
-        if c.weights is not None and c.weights not in _NAMED_WEIGHTS:
+        if c.weights is not None and c.weights not in NAMED_WEIGHTS:
             check_checkpoint_file(c.weights)
     src = source if isinstance(source, ImageSource) else resolve_source(source, split=configs[0].split)
     if len(src) == 0:
@@ -85,7 +83,7 @@ def _certainly_cpu(device: str) -> bool:
 
 def _cache_hit(src: ImageSource, config: ExtractConfig, out: Path, t_start: float) -> ExtractResult | None:
     """The result of a cache hit of ``config`` in ``out``, or None when it is not one for sure."""
-    if config.pretrained or config.weights in _NAMED_WEIGHTS or config.precision not in ("auto", "fp32") or not _certainly_cpu(config.device):
+    if config.pretrained or config.weights in NAMED_WEIGHTS or config.precision not in ("auto", "fp32") or not _certainly_cpu(config.device):
         return None
     key = config.key or config.model
     if any(out.parent.glob(f"{out.name}.{safe_name(key)}.*partial")):  # an interrupted run's journals: the full plan decides
