@@ -6,6 +6,8 @@ import csv
 import json
 import logging
 
+import h5py
+import numpy as np
 import pytest
 
 from conftest import make_image_folder
@@ -156,3 +158,67 @@ def test_real_lite0_lite1_lite2_comparison(digits_csv, tmp_path, capsys):
     assert min(best.values()) >= 0.7, best  # 200 training images of 8x8 digits upsampled: ImageNet features separate them
     params = {r["backbone"]: float(r["backbone_params"]) for r in rows}
     assert params["tf_efficientnet_lite0"] < params["tf_efficientnet_lite1"] < params["tf_efficientnet_lite2"]
+
+
+def _files(folder) -> dict:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_adding_a_model_costs_only_the_new_model(images, tmp_path, monkeypatch):
+    import featx.comparison._run as run_module
+
+    out = tmp_path / "cmp"
+    config = dict(heads="logreg,ncm", img_size=32, workers=0, progress=False)
+    first = compare(str(images), CompareConfig(models=["test_resnet"], **config), out)
+    kept = _files(out / "heads" / "test_resnet")
+    with h5py.File(out / "features.h5") as f:
+        resnet_rows = f["test_resnet/features"][()]
+    fitted, real_fit = [], run_module.fit_head
+    monkeypatch.setattr(run_module, "fit_head", lambda store, c, out: fitted.append((c.model, c.head)) or real_fit(store, c, out))
+    second = compare(str(images), CompareConfig(models=["test_resnet", "test_efficientnet"], **config), out)
+    assert second.done["extracted"] == 1 and second.done["cached_groups"] == 1  # test_resnet: a cache hit
+    assert second.done["fitted"] == 2 and second.done["cached_heads"] == 2
+    assert fitted == [("test_efficientnet", "logreg"), ("test_efficientnet", "ncm")]
+    assert _files(out / "heads" / "test_resnet") == kept  # its heads were neither refitted nor rewritten
+    with h5py.File(out / "features.h5") as f:
+        np.testing.assert_array_equal(f["test_resnet/features"][()], resnet_rows)
+        assert sorted(f) == ["test_efficientnet", "test_resnet"]
+    old = {r["head"]: r for r in first.leaderboard.rows}
+    assert [r for r in second.leaderboard.rows if r["backbone"] == "test_resnet"] == [old[r["head"]] for r in second.leaderboard.rows
+                                                                                        if r["backbone"] == "test_resnet"]
+
+
+def test_compare_finetune_adds_a_row_scored_on_the_same_test_images(images, tmp_path, monkeypatch):
+    out = tmp_path / "cmp"
+    config = CompareConfig(models=["test_resnet"], heads="ncm", finetune=True, img_size=32, workers=0, progress=False)
+    result = compare(str(images), config, out)
+    rows = {r["head"]: r for r in result.leaderboard.rows}
+    metrics = json.loads((out / "finetune" / "test_resnet" / "metrics.json").read_text())
+    assert set(rows) == {"ncm", "finetune"} and result.done["finetuned"] == 1
+    ft = rows["finetune"]
+    assert (out / "finetune" / "test_resnet" / "best.pt").is_file()
+    assert ft["accuracy"] == metrics["accuracy"] and ft["fit_seconds"] == metrics["fit_seconds"] and ft["n_train"] == metrics["n_train"]
+    assert metrics["eval_split"] == "test" and ft["n_test"] == rows["ncm"]["n_test"] == 12  # the heads' test images
+    with h5py.File(out / "features.h5") as f:  # fine-tuned from the backbone the frozen rows came from
+        assert metrics["weights_sha256"] == f["test_resnet"].attrs["weights_sha256"]
+    assert "best_epoch=" in ft["chosen"] and f"epochs_done={metrics['epochs_done']}" in ft["chosen"]
+
+    import featx.finetuning as finetuning
+
+    monkeypatch.setattr(finetuning, "finetune", lambda *a, **k: pytest.fail("a finished fine-tuning run was run again"))
+    again = compare(str(images), config, out)
+    assert again.done["cached_finetunes"] == 1 and again.done["finetuned"] == 0
+    assert [r for r in again.leaderboard.rows if r["head"] == "finetune"] == [ft]
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_pareto_front_is_every_point_nothing_matches_or_beats(seed):
+    from featx.plots import pareto_front
+
+    rng = np.random.default_rng(seed)  # few distinct values: ties in cost and in accuracy, and repeated points
+    points = [(float(c), float(a)) for c, a in zip(rng.choice([0.1, 0.2, 0.5, 1.0], 9), rng.choice([0.5, 0.6, 0.7, 0.8], 9))]
+
+    def beaten(p):
+        return any(q != p and q[0] <= p[0] and q[1] >= p[1] for q in points)
+
+    assert pareto_front(points) == sorted({p for p in points if not beaten(p)})

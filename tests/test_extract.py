@@ -149,10 +149,20 @@ def test_user_errors_are_one_line_exit_2_and_lose_nothing(store, image_folder, t
 
 
 # -- kill and resume in a subprocess ------------------------------------------------------
+def _default_sigint() -> None:
+    """In the child: SIGINT back to its default, so Python turns it into KeyboardInterrupt as in a terminal.
+
+    A non-interactive shell starts background jobs with SIGINT ignored, and a child inherits the ignore;
+    featx rightly keeps an inherited ignore, so without this a suite run in the background never sees the Ctrl-C.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(args, tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, "-m", "featx", "extract", *map(str, args)], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=_default_sigint)
 
 
 def _wait_for_rows(proc, journal, min_rows: int, timeout: float = 120.0) -> int:

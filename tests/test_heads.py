@@ -69,9 +69,13 @@ def test_torch_head_in_grid_search_and_cross_val():
     X, y = blobs(n_per_class=40, n_classes=3, dim=8)
     scores = cross_val_score(make_head("torch-linear", device="cpu", params={"max_epochs": 20}), X, y, cv=3)
     assert scores.mean() > 0.9
+    # a learning rate too small to train in 10 epochs (the random start scores what it scores), listed first so that a grid
+    # whose values were ignored (every candidate the same model, a tie) would choose it
     gs = GridSearchCV(make_head("mlp", device="cpu", params={"max_epochs": 10, "hidden_dim": 16}),
-                      {"head__weight_decay": [1e-3, 1e-1]}, cv=2).fit(X, y)
-    assert gs.best_params_["head__weight_decay"] in (1e-3, 1e-1) and gs.score(X, y) > 0.9
+                      {"head__lr": [1e-7, 1e-2]}, cv=2).fit(X, y)
+    tiny, good = gs.cv_results_["mean_test_score"]
+    assert gs.best_params_["head__lr"] == 1e-2 and tiny < good, gs.cv_results_["mean_test_score"]
+    assert gs.score(X, y) > 0.9
 
 
 def test_batched_sweep_equals_heads_trained_one_by_one():
@@ -164,3 +168,15 @@ def test_auto_early_stopping_only_on_large_training_sets():
     assert len(va) == AUTO_EARLY_STOPPING_ROWS // 10 and len(np.intersect1d(tr, va)) == 0
     with pytest.raises(ValueError, match="validation_fraction"):
         TorchLinearClassifier(validation_fraction="sometimes", device="cpu").fit(small[:, None].astype(np.float32), small)
+
+
+def test_knn_class_weight_multiplies_every_neighbours_vote():
+    from featx.heads import KNNClassifier
+
+    X, y = np.array([[0.0], [0.1], [0.2], [0.3]]), np.array([0, 0, 0, 1])  # three neighbours of class 0, one of class 1
+    query = np.array([[0.15]])
+    plain = KNNClassifier(n_neighbors=4, metric="euclidean", device="cpu").fit(X, y)
+    weighted = KNNClassifier(n_neighbors=4, metric="euclidean", class_weight={1: 5.0}, device="cpu").fit(X, y)
+    np.testing.assert_allclose(plain.predict_proba(query), [[3 / 4, 1 / 4]])
+    np.testing.assert_allclose(weighted.predict_proba(query), [[3 / 8, 5 / 8]])  # 3 x 1 against 1 x 5
+    assert plain.predict(query)[0] == 0 and weighted.predict(query)[0] == 1

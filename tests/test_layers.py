@@ -107,10 +107,22 @@ def test_old_stores_without_taps_are_still_cache_hits(image_folder, tmp_path):
 
 @pytest.mark.parametrize("head", list(HEADS))
 def test_every_head_fits_on_tapped_features(head, tmp_path_factory, capsys):
+    from featx import FitHeadConfig
+    from featx.fitting import plan_fit
+    from featx.head_folder import load_head
+
     store = _tapped_store(tmp_path_factory)
     params = ["--param", "max_epochs=5"] if head in ("torch-linear", "mlp") else []
-    rc = main(["fit-head", str(store), "--head", head, "--out", str(store.parent / f"head-{head}"), "--no-progress", *params])
-    assert rc == 0, capsys.readouterr().err
+    out = store.parent / f"head-{head}"
+    rc = main(["fit-head", str(store), "--head", head, "--out", str(out), "--no-progress", "--json", *params])
+    stdout, err = capsys.readouterr()
+    assert rc == 0, err
+    reported = json.loads(stdout.strip().splitlines()[-1])
+    with FeatureStore(store) as fs:  # the rows fit-head tested on, by its own rule
+        test = fs.read("test_resnet", rows=plan_fit(fs, store, FitHeadConfig(head=head), None).test_rows)
+    loaded = load_head(out)  # the head read back from its folder scores those rows as the fitted head did
+    assert loaded.meta["feature_dim"] == 96 + 96 + 192 and reported["n_test"] == len(test) > 0
+    assert np.mean(loaded.pipeline.predict(test.X) == test.y) == pytest.approx(reported["accuracy"])
 
 
 def test_predict_rebuilds_the_taps(tmp_path_factory, tmp_path, capsys):
@@ -127,7 +139,10 @@ def test_predict_rebuilds_the_taps(tmp_path_factory, tmp_path, capsys):
 
 @pytest.mark.parametrize("head", ["knn", "logreg"])
 def test_tap_norm_gives_every_tap_unit_norm_and_survives_the_head_folder(head, tmp_path_factory, tmp_path, capsys):
+    from sklearn.pipeline import Pipeline
+
     from featx.head_folder import load_head
+    from featx.heads import full_scores
     from featx.heads._taps import TapNormalizer
 
     store = _tapped_store(tmp_path_factory)
@@ -140,7 +155,9 @@ def test_tap_norm_gives_every_tap_unit_norm_and_survives_the_head_folder(head, t
     Z = step.transform(X)
     norms = [np.linalg.norm(Z[:, a:b], axis=1) for a, b in step.blocks]
     np.testing.assert_allclose(norms, 1 / np.sqrt(3), rtol=1e-5)
-    np.testing.assert_allclose(loaded.scores(X), loaded.scores(X))  # loads and scores
+    by_hand = np.concatenate([X[:, a:b] / np.linalg.norm(X[:, a:b], axis=1, keepdims=True) for a, b in step.blocks], 1) / np.sqrt(3)
+    rest = Pipeline(loaded.pipeline.steps[1:])  # the loaded head scores through the per-tap normalisation, not around it
+    np.testing.assert_allclose(loaded.scores(X), full_scores(rest, by_hand, len(loaded.class_names)), rtol=1e-4, atol=1e-6)
     flat = tmp_path / "flat.h5"
     extract(str(store.parent / "imgs"), ExtractConfig(model="test_resnet", **FAST), flat)
     capsys.readouterr()

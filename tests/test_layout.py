@@ -17,7 +17,7 @@ LAYERS = {
     "plots": 2, "sources": 2, "preprocess": 2, "backbones": 2, "taps": 2, "runtimes": 2, "store": 2, "heads": 2, "distributed": 2,
     "loading": 3,
     "embedder": 4, "head_folder": 4, "run_folder": 4,
-    "extraction": 5, "fitting": 5, "evaluation": 5, "prediction": 5, "finetuning": 5, "exporting": 5,
+    "extraction": 5, "fitting": 5, "evaluation": 5, "prediction": 5, "finetuning": 5, "exporting": 5, "description": 5,
     "demo": 6, "comparison": 6,
     "cli": 7,
     "__main__": 8, "__init__": 8,

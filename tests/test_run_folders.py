@@ -118,3 +118,14 @@ def test_every_file_of_a_run_and_its_export_has_the_mode_of_a_plainly_created_fi
     assert {p.name for p in files} >= {"run.json", "best.pt", "last.pt", "metrics.json", "model.safetensors", "config.json"}
     modes = {str(p.relative_to(run)): oct(p.stat().st_mode & 0o777) for p in files}
     assert modes == {name: oct(0o666 & ~umask) for name in modes}
+
+
+def test_info_describes_a_run_folder(run, capsys):
+    assert main(["info", str(run), "--json"]) == 0
+    (e,) = json.loads(capsys.readouterr().out)["entries"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert e["model"] == "test_efficientnet" and e["finished"] and e["epochs_done"] == 2 and e["accuracy"] == metrics["accuracy"]
+    assert e["weights_sha256"] == json.loads((run / "run.json").read_text())["weights_sha256"] and e["checkpoints"] == ["best.pt", "last.pt"]
+    assert main(["info", str(run)]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"{run}: fine-tuning run folder") and f"test accuracy {e['accuracy']:.3f} (" in text

@@ -18,6 +18,7 @@ import timm
 import torch
 
 from .errors import FeatxError, load_failure
+from .files import check_checkpoint_file, file_sha256
 
 __all__ = ["BackboneInfo", "create_backbone", "create_timm_model", "load_weights", "read_checkpoint", "state_dict_sha256",
            "file_sha256", "packaged_weights", "PACKAGED_WEIGHTS", "RANDOM_WEIGHTS"]
@@ -165,14 +166,6 @@ def create_timm_model(name: str, *, img_size: int | None = None, **kwargs) -> to
     return timm.create_model(name, **kwargs)
 
 
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def state_dict_sha256(model: torch.nn.Module) -> str:
     """sha256 over names, shapes and bytes of every tensor in ``model.state_dict()``."""
     h = hashlib.sha256()
@@ -189,11 +182,7 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     Unwraps ``state_dict`` / ``model`` / ``state_dict_ema`` containers and strips ``module.``
     prefixes left by DataParallel / DDP.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise FeatxError(f"--weights '{path}' is a folder; pass the checkpoint file inside it (e.g. {path}/best.pt)")
-    if not path.is_file():
-        raise FeatxError(f"checkpoint '{path}' does not exist")
+    path = check_checkpoint_file(path)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

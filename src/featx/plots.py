@@ -8,7 +8,7 @@ import numpy as np
 
 from .files import atomic_path
 
-__all__ = ["save_confusion_png", "save_leaderboard_png"]
+__all__ = ["save_confusion_png", "save_leaderboard_png", "pareto_front"]
 
 
 def _figure(width: float, height: float):
@@ -59,7 +59,7 @@ def save_leaderboard_png(rows: list[dict], path: Path) -> None:
         ax.scatter(r["cost_s_per_image"], r["accuracy"], color=colour, marker=markers[r["head"]], s=45, zorder=3)
         ax.annotate(f"{r['backbone']} {r['head']}", (r["cost_s_per_image"], r["accuracy"]), fontsize=6, xytext=(3, 2),
                     textcoords="offset points")
-    front = _pareto([(r["cost_s_per_image"], r["accuracy"]) for r in rows])
+    front = pareto_front([(r["cost_s_per_image"], r["accuracy"]) for r in rows])
     if len(front) > 1:
         ax.step(*zip(*front), where="post", color="0.6", lw=1, zorder=1, label="Pareto front")
         ax.legend(fontsize=7, loc="lower right")
@@ -70,10 +70,11 @@ def save_leaderboard_png(rows: list[dict], path: Path) -> None:
     _save(fig, path)
 
 
-def _pareto(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """Points no other point beats on both cost (lower) and accuracy (higher), by cost."""
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The distinct (cost, accuracy) points that no other point matches or beats on both cost (lower) and accuracy
+    (higher), by cost: of points at one cost only the most accurate can be on it."""
     front, best = [], float("-inf")
-    for cost, acc in sorted(points):
+    for cost, acc in sorted(points, key=lambda p: (p[0], -p[1])):
         if acc > best:
             front.append((cost, acc))
             best = acc

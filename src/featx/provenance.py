@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import platform
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 
 from ._version import __version__
 
-__all__ = ["provenance", "utc_now"]
+__all__ = ["provenance", "utc_now", "code_versions"]
 
 _LIBRARIES = ("torch", "torchvision", "timm", "numpy", "scikit-learn", "h5py")
 
@@ -35,3 +37,29 @@ def provenance() -> dict[str, str]:
     versions = {"featx_version": __version__, "python_version": platform.python_version()}
     versions.update({f"{name.replace('-', '_')}_version": _library_version(name) for name in _LIBRARIES})
     return {**versions, "created": utc_now()}
+
+
+# The code that turns a backbone's options into its features and their key: featx's own source and these libraries.
+_FEATURE_LIBRARIES = ("timm", "torch", "torchvision")
+_CODE: dict[str, str] = {}
+
+
+def code_versions() -> dict[str, str]:
+    """``{'featx': sha256 of featx's own source files, 'timm': version, 'torch': ..., 'torchvision': ...}``, read
+    without importing any of them (package metadata): what a cached result's validity depends on besides its inputs.
+
+    featx's source is hashed rather than versioned, so a development checkout whose code changed is never taken
+    for the one that wrote a store.
+    """
+    if not _CODE:
+        h = hashlib.sha256()
+        package = Path(__file__).resolve().parent
+        for path in sorted(package.rglob("*.py")):
+            h.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        _CODE["featx"] = h.hexdigest()
+        for name in _FEATURE_LIBRARIES:
+            try:
+                _CODE[name] = metadata.version(name)
+            except metadata.PackageNotFoundError:
+                _CODE[name] = ""
+    return dict(_CODE)

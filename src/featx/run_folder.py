@@ -16,7 +16,7 @@ from pathlib import Path
 
 from .errors import FeatxError, shell_command
 
-__all__ = ["RUN_FILE", "CHECKPOINTS", "LoadedRun", "is_run_folder", "load_run", "not_a_head_message"]
+__all__ = ["RUN_FILE", "CHECKPOINTS", "LoadedRun", "is_run_folder", "load_run", "read_run_meta", "not_a_head_message"]
 
 RUN_FILE = "run.json"
 CHECKPOINTS = ("best.pt", "last.pt")  # the one predict uses, in order of preference
@@ -57,7 +57,9 @@ def is_run_folder(path: str | os.PathLike) -> bool:
     return (Path(path) / RUN_FILE).is_file()
 
 
-def _read_meta(path: Path) -> dict:
+def read_run_meta(path: str | os.PathLike) -> dict:
+    """RUN_DIR's ``run.json``, checked to describe a featx fine-tuning run."""
+    path = Path(path)
     try:
         meta = json.loads((path / RUN_FILE).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -70,7 +72,7 @@ def _read_meta(path: Path) -> dict:
 def load_run(path: str | os.PathLike, checkpoint: str | os.PathLike | None = None) -> LoadedRun:
     """Read RUN_DIR's ``run.json`` and pick its checkpoint: ``checkpoint`` when given, else best.pt, else last.pt."""
     path = Path(path)
-    meta = _read_meta(path)
+    meta = read_run_meta(path)
     if checkpoint is not None:
         chosen = Path(checkpoint)
         if not chosen.is_file():
@@ -86,7 +88,7 @@ def load_run(path: str | os.PathLike, checkpoint: str | os.PathLike | None = Non
 def not_a_head_message(path: str | os.PathLike) -> str:
     """Why a run folder cannot score cached features, and the two commands that do what was meant."""
     path = Path(path)
-    config = _read_meta(path)["config"]
+    config = read_run_meta(path)["config"]
     size = ["--img-size", config["img_size"]] if config.get("img_size") else []
     predict = shell_command("featx", "predict", path, "IMAGES", "--out", "predictions.csv")
     extract = shell_command("featx", "extract", "SOURCE", "--model", config["model"], *size, "--weights", path / CHECKPOINTS[0],

@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+from pathlib import Path
 
 from ..configs import AUGMENTS, CompareConfig, DemoConfig, ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ..files import check_writable
+from . import _checks
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
                        non_negative_int, number, positive_int, positive_number)
 
@@ -71,13 +73,15 @@ def add_runtime_choice(p, target) -> None:
 
 def cmd_extract(args) -> int:
     from ..configs import extract_configs
+    from ..extraction import cache_hits, check_extraction
 
     configs = extract_configs(config_from(ExtractConfig, args, model=args.model[0], weights=None), args.model, args.weights)
-    for config in configs:
-        config.validate()  # before the heavy imports (extract_many checks again, for callers of the library)
-    from ..extraction import extract_many
+    src = check_extraction(args.source, configs, Path(args.out))  # mistakes and cache hits: answered before torch is imported
+    results = cache_hits(src, configs, Path(args.out))
+    if results is None:
+        from ..extraction import extract_many
 
-    results = extract_many(args.source, configs, args.out)
+        results = extract_many(src, configs, args.out)
     if results[0].rank > 0:  # under torchrun stdout is rank 0's alone; the other ranks report on stderr
         for result in results:
             logging.getLogger("featx").info(result.summary())
@@ -135,6 +139,7 @@ def add_fit_head(sub) -> None:
 
 
 def cmd_fit_head(args) -> int:
+    _checks.fit_head_inputs(args)  # before torch and scikit-learn are imported
     check_writable(args.out, option="--out", folder=True)  # before the heavy imports and any work
     from ..fitting import fit_head
 
@@ -159,6 +164,7 @@ def add_evaluate(sub) -> None:
 
 
 def cmd_evaluate(args) -> int:
+    _checks.evaluate_inputs(args)  # before torch and scikit-learn are imported
     check_writable(args.out_dir or args.head_dir, option="--out-dir" if args.out_dir else "HEAD_DIR", folder=True)
     from ..evaluation import evaluate_head
 
@@ -188,9 +194,10 @@ def add_predict(sub) -> None:
 
 def cmd_predict(args) -> int:
     check_writable(args.out, option="--out")
+    src = _checks.predict_inputs(args)  # before torch is imported
     from ..prediction import predict_images
 
-    return _print_result(predict_images(args.head_dir, args.source, args.out, config_from(PredictConfig, args)))
+    return _print_result(predict_images(args.head_dir, src, args.out, config_from(PredictConfig, args)))
 
 
 def add_export(sub) -> None:
@@ -270,10 +277,12 @@ def add_finetune(sub) -> None:
 
 
 def cmd_finetune(args) -> int:
+    config = config_from(FinetuneConfig, args)
+    src = _checks.finetune_inputs(args, config)  # before torch is imported
     from ..finetuning import finetune
 
     try:
-        result = finetune(args.source, config_from(FinetuneConfig, args), args.out)
+        result = finetune(src, config, args.out)
     except KeyboardInterrupt:  # finetune has logged which epochs are saved and how to resume
         return 130
     return _print_result(result, args.json)
@@ -322,11 +331,32 @@ def add_compare(sub) -> None:
 
 
 def cmd_compare(args) -> int:
+    config = config_from(CompareConfig, args)
     check_writable(args.out, option="--out", folder=True)
+    source = _checks.compare_inputs(args, config)  # before torch is imported
     from ..comparison import compare
 
-    result = compare(args.source, config_from(CompareConfig, args), args.out)
+    result = compare(source, config, args.out)
     return _print_result(result, args.json)
 
 
-COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_export, add_finetune, add_compare, add_demo]
+# -- info --------------------------------------------------------------------------------------
+def add_info(sub) -> None:
+    p = sub.add_parser("info", help="what a feature store, head folder or fine-tuning run folder holds",
+                       description="Describe FEATURES.h5 (every group: model, rows per split, dimension, taps, flip, weights hash, "
+                                   "skipped images, creation time), a head folder (head, backbone, dimension, test accuracy) or a "
+                                   "fine-tuning run folder, from their attributes and sidecars alone.")
+    p.add_argument("path", metavar="FEATURES.h5|HEAD_DIR|RUN_DIR")
+    p.add_argument("--json", action="store_true", help="print the same as one JSON object instead")
+    p.set_defaults(func=cmd_info)
+
+
+def cmd_info(args) -> int:
+    from ..description import describe
+
+    description = describe(args.path)
+    print(json.dumps(description.to_dict()) if args.json else description.summary())
+    return 0
+
+
+COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_export, add_finetune, add_compare, add_demo, add_info]

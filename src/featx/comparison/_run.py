@@ -24,7 +24,7 @@ from ..fitting import fit_head, plan_fit
 from ..heads import HEADS
 from ..sources import ImageSource, resolve_source
 from ..store import FeatureStore
-from ._plan import Backbone, parse_heads, parse_models
+from ._plan import Backbone, is_store, parse_heads, parse_models
 from ._report import Leaderboard, finetune_row, head_row
 
 __all__ = ["CompareResult", "compare"]
@@ -53,7 +53,7 @@ def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out:
     out = Path(out)
     check_writable(out, option="--out", folder=True)
     heads = parse_heads(config.heads)
-    from_store = not isinstance(source, ImageSource) and _is_store(source)
+    from_store = not isinstance(source, ImageSource) and is_store(source)
     if from_store:
         if config.models or config.finetune:
             raise FeatxError("comparing an existing store uses its groups; --model and --finetune need an image SOURCE")
@@ -79,13 +79,6 @@ def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out:
     leaderboard.write(out)
     steps.done["seconds"] = time.perf_counter() - t0
     return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done)
-
-
-def _is_store(source) -> bool:
-    import h5py
-
-    path = Path(source)
-    return path.is_file() and path.suffix.lower() in (".h5", ".hdf5") and h5py.is_hdf5(path)
 
 
 def _store_groups(store: Path) -> list[str]:

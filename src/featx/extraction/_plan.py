@@ -18,6 +18,7 @@ from ..provenance import provenance
 from ..runtimes import graph_usable, runtime_available
 from ..sources import ImageSource
 from ..store import FeatureStore, StoreKey, forget_committed_journals, group_attrs
+from ._cached import key_request
 
 __all__ = ["Job", "plan_job", "group_meta", "onnx_cache_dir"]
 
@@ -129,11 +130,14 @@ def _warn_about_other_journals(out: Path, key: str, world: int) -> None:
                         "use them: rerun with that number of processes to finish them, or delete them", ", ".join(other))
 
 
-def group_meta(key: str, src: ImageSource, embedder: ImageEmbedder) -> dict:
-    """Attributes of a new group besides its :class:`StoreKey`: what it is and what produced it."""
+def group_meta(job: Job, src: ImageSource) -> dict:
+    """Attributes of a new group besides its :class:`StoreKey`: what it is and what produced it (the request its key
+    was computed from, read by the cache-hit check that runs before torch is imported)."""
+    embedder = job.embedder
     info, geometry = embedder.info_, embedder.geometry_
     return {
-        "model_key": key,
+        "model_key": job.key,
+        "key_request": key_request(job.config, precision=embedder.precision_, weights_file_sha256=info.weights_file_sha256),
         "class_names": json.dumps(src.class_names),
         "source": src.name,
         "n_images": len(src),

@@ -25,8 +25,9 @@ from ..configs import ExtractConfig
 from ..distributed import Ranks, contiguous_shares, gather, launched_ranks, process_group, rank_device
 from ..embedder import embed_together
 from ..errors import FeatxError
-from ..sources import ImageSource, resolve_source
-from ..store import FeatureStore, ImageList, JournalWriter, check_store_path, commit_parts, group_attrs, journal_path
+from ..sources import ImageSource
+from ..store import FeatureStore, ImageList, JournalWriter, commit_parts, group_attrs, journal_path
+from ._cached import check_extraction
 from ._plan import Job, group_meta, plan_job
 from ._result import ExtractResult, skip_digest
 
@@ -47,13 +48,9 @@ def extract_many(source: str | ImageSource, configs: list[ExtractConfig], out: s
     """
     t_start = time.perf_counter()
     out = Path(out)
-    check_store_path(out)
-    _check_configs(configs)
+    src = check_extraction(source, configs, out)
     ranks = launched_ranks()
     with process_group(ranks):
-        src = source if isinstance(source, ImageSource) else resolve_source(source, split=configs[0].split)
-        if len(src) == 0:
-            raise FeatxError(f"source '{src.name}' has no images")
         device = rank_device(configs[0].device, ranks)
         jobs = [plan_job(c, src, out, device, ranks.world if ranks else 1, speak=ranks is None or ranks.is_main) for c in configs]
         _agree(jobs, ranks)
@@ -79,21 +76,6 @@ def extract_many(source: str | ImageSource, configs: list[ExtractConfig], out: s
     return results
 
 
-def _check_configs(configs: list[ExtractConfig]) -> None:
-    if not configs:
-        raise FeatxError("no --model given")
-    for c in configs:
-        c.validate()
-        if c.dtype not in ("float32", "float16"):
-            raise FeatxError(f"unknown storage dtype '{c.dtype}'; use float32 or float16")
-    keys = [c.key or c.model for c in configs]
-    if len(set(keys)) != len(keys):
-        raise FeatxError("two models would be stored under the same key; give each its own --key")
-    for name in ("device", "batch_size", "workers", "split", "progress"):
-        if len({str(getattr(c, name)) for c in configs}) > 1:
-            raise FeatxError(f"models extracted in one pass share --{name.replace('_', '-')}; run them separately to differ")
-
-
 def _agree(jobs: list[Job], ranks: Ranks | None) -> None:
     """Every rank must have planned the same work (the same images seen, the same groups found)."""
     plan = [(j.key, None if j.todo is None else (len(j.todo), int(j.todo.sum())), j.extend) for j in jobs]
@@ -115,7 +97,7 @@ def _open_journal(job: Job, src: ImageSource, sub: ImageSource, out: Path, ranks
     whole = ranks is None and not job.extend
     key = job.store_key if whole else replace(job.store_key, image_list_sha256=sub.fingerprint(),
                                               image_stamps_sha256=sub.stamps_fingerprint())
-    writer = JournalWriter(out, job.key, key, group_meta(job.key, src, job.embedder), dim=job.embedder.num_features_,
+    writer = JournalWriter(out, job.key, key, group_meta(job, src), dim=job.embedder.num_features_,
                            n_images=len(sub), batch_size=job.config.batch_size, split_names=src.split_names,
                            part=ranks.tag if ranks else "")
     if writer.resumed:
@@ -216,7 +198,7 @@ def _commit(job: Job, src: ImageSource, out: Path, ranks: Ranks | None, seconds:
         return
     codes = {s: i for i, s in enumerate(src.split_names)}
     journals = [journal_path(out, job.key, r.tag) for r in _all_ranks(ranks)] if ranks else [journal_path(out, job.key)]
-    attrs = {**asdict(job.store_key), **group_meta(job.key, src, job.embedder), "split_names": json.dumps(src.split_names),
+    attrs = {**asdict(job.store_key), **group_meta(job, src), "split_names": json.dumps(src.split_names),
              "world_size": ranks.world if ranks else 1, "extract_seconds_last_run": seconds, "device": str(job.embedder.device_)}
     image_list = ImageList(src.ids, src.labels, np.asarray([codes[s] for s in src.splits], dtype=np.int8)) if job.extend else None
     commit_parts(out, job.key, journals, attrs=attrs, overwrite=job.config.overwrite, extend=job.extend, image_list=image_list)

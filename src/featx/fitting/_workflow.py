@@ -19,12 +19,11 @@ from ..configs import FitHeadConfig
 from ..errors import FeatxError, shell_command
 from ..files import check_writable, jsonable
 from ..head_folder import BACKBONE_ATTRS, FORMAT, save_head
-from ..heads import HEADS, full_scores, make_head, showing_progress
+from ..heads import check_head_name, full_scores, make_head, showing_progress
 from ..metrics import classification_metrics
 from ..provenance import provenance
 from ..store import FeatureStore
 from ._plan import FitPlan, head_params, memory_budget, plan_fit, sweep_grid
-from ._streamed import fit_streamed
 
 __all__ = ["FitHeadResult", "fit_head", "format_params"]
 
@@ -90,8 +89,7 @@ def format_params(p: dict) -> str:
 def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.PathLike) -> FitHeadResult:
     """Fit head ``config.head`` on the training split of ``features``, test it, save it to ``out``."""
     out = Path(out)
-    if config.head not in HEADS:
-        raise FeatxError(f"unknown head '{config.head}'; choose one of: {', '.join(HEADS)}")
+    check_head_name(config.head)
     check_writable(out, option="--out", folder=True)
     with FeatureStore(features) as store, showing_progress(config.progress):
         plan = plan_fit(store, features, config, out)
@@ -99,6 +97,8 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
         budget = memory_budget(config)
         t0 = time.perf_counter()
         if plan.train_bytes > budget:
+            from ._streamed import fit_streamed  # streaming needs torch; a scikit-learn head in memory does not
+
             pipeline, sweep_result, scores, y_pred = fit_streamed(store, plan, pipeline, config, budget)
             fit_seconds = predict_seconds = time.perf_counter() - t0  # streamed: fitting and scoring share the reads
         else:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from ._registry import HEADS, TORCH_HEADS, HeadSpec, full_scores, grid_of, is_torch_head, make_head, predict_scores
+from ._registry import HEADS, TORCH_HEADS, HeadSpec, check_head_name, full_scores, grid_of, is_torch_head, make_head, predict_scores
 
 _LAZY = {
     "SweepResult": "_sweep", "SweptHead": "_sweep", "sweep": "_sweep",
@@ -26,7 +26,7 @@ _LAZY = {
     "showing_progress": "_progress", "grid_edges": "_sweep",
 }
 
-__all__ = ["HEADS", "TORCH_HEADS", "HeadSpec", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head", *_LAZY]
+__all__ = ["HEADS", "TORCH_HEADS", "HeadSpec", "check_head_name", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head", *_LAZY]
 
 
 def __getattr__(name: str):

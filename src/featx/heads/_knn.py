@@ -2,7 +2,8 @@
 
 Similarities are computed on the device in query chunks (memory bounded), and only the top ``k``
 neighbours of each query are kept. Votes are plain majority votes or DINOv2's temperature-weighted
-votes (each neighbour counts ``exp(similarity / T)``).
+votes (each neighbour counts ``exp(similarity / T)``), times the weight of the neighbour's class when
+``class_weight`` is given (``'balanced'``: rare classes' neighbours count more).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
-from ._torch_base import TorchHead
+from ._torch_base import TorchHead, class_weights
 
 __all__ = ["KNNClassifier"]
 
@@ -28,6 +29,7 @@ class KNNClassifier(TorchHead):
     metric : 'cosine' (rows L2-normalised, similarity = dot product) or 'euclidean'.
     weights : 'uniform' (majority vote) or 'temperature' (DINOv2: weight exp(similarity / temperature); cosine only).
     temperature : the temperature of 'temperature' votes.
+    class_weight : None, 'balanced' or a dict {class label: weight}: each neighbour's vote is multiplied by its class's weight.
     device : 'auto' (CUDA when present), 'cpu' or 'cuda[:N]'.
     random_state : kept for the common head interface.
     """
@@ -45,8 +47,7 @@ class KNNClassifier(TorchHead):
         self.random_state = random_state
 
     def _validate(self) -> None:
-        if self.class_weight is not None:
-            raise ValueError("class_weight is not used by k nearest neighbours; leave it out")
+        super()._validate()
         if not (isinstance(self.n_neighbors, (int, np.integer)) and self.n_neighbors >= 1):
             raise ValueError(f"n_neighbors must be a positive integer, got {self.n_neighbors!r}")
         if self.metric not in ("cosine", "euclidean"):
@@ -88,8 +89,10 @@ class KNNClassifier(TorchHead):
         """Class votes [n, n_classes] from the first ``k`` neighbours, normalised to sum 1."""
         labels = torch.as_tensor(self.fit_y_, device=idx.device)[idx[:, :k]]
         w = torch.ones_like(sims[:, :k]) if self.weights == "uniform" else (sims[:, :k] / self.temperature).exp()
+        if self.class_weight is not None:
+            w = w * torch.as_tensor(class_weights(self.class_weight, self.fit_y_, self.classes_), dtype=w.dtype, device=w.device)[labels]
         votes = torch.zeros(len(idx), len(self.classes_), dtype=w.dtype, device=w.device).scatter_add_(1, labels, w)
-        return votes / votes.sum(1, keepdim=True)
+        return votes / votes.sum(1, keepdim=True).clamp_min(1e-30)  # zero class weights can leave a row without votes
 
     def _logits(self, X: np.ndarray) -> np.ndarray:
         sims, idx = self.neighbours(X, self.n_neighbors)

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import FeatxError
 
-__all__ = ["HeadSpec", "HEADS", "TORCH_HEADS", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head",
+__all__ = ["HeadSpec", "HEADS", "TORCH_HEADS", "check_head_name", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head",
            "torch_head_class"]
 
 # Estimator class names of featx's own heads, computed in torch and stored as plain tensors (not joblib) -> defining module.
@@ -115,6 +115,12 @@ HEADS: dict[str, HeadSpec] = {
 
 def _unknown_head(name: str) -> FeatxError:
     return FeatxError(f"unknown head '{name}'; choose one of: {', '.join(HEADS)}")
+
+
+def check_head_name(name: str) -> None:
+    """Raise :class:`FeatxError` listing the heads when ``name`` is not one of them."""
+    if name not in HEADS:
+        raise _unknown_head(name)
 
 
 def make_head(name: str, *, standardize: bool | None = None, l2_normalize: bool | None = None, pca: int | None = None,

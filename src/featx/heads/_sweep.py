@@ -12,9 +12,10 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, clone
-from sklearn.utils.validation import check_is_fitted
+from sklearn.utils._available_if import available_if
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import FeatxError
 from ..splits import stratified_holdout
@@ -134,7 +135,10 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         self.random_state = random_state
 
     def fit(self, X, y):
-        y = np.asarray(y)
+        X, y = validate_data(self, X, y, dtype=None)
+        check_classification_targets(y)
+        if len(np.unique(y)) < 2:
+            raise ValueError(f"SweptHead needs at least 2 classes in y; got 1 class: {np.unique(y)[0]!r}")
         result = SweepResult(params=sorted({k for g in self.grid for k in g}))
         if self.grid:
             self._search(X, y, result)
@@ -154,16 +158,21 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         scored = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
         _record(result, self.grid, scored, time.perf_counter() - t0, batched)
 
-    def predict(self, X):
+    def _checked(self, X):
         check_is_fitted(self)
+        return validate_data(self, X, reset=False, dtype=None)
+
+    def predict(self, X):
+        X = self._checked(X)
         return self.best_estimator_.predict(X)
 
+    @available_if(lambda self: hasattr(self.pipeline, "predict_proba"))
     def predict_proba(self, X):
-        check_is_fitted(self)
+        X = self._checked(X)
         return self.best_estimator_.predict_proba(X)
 
     def decision_function(self, X):
-        check_is_fitted(self)
+        X = self._checked(X)
         return self.best_estimator_.decision_function(X)
 
 
@@ -207,6 +216,8 @@ def _record(result: SweepResult, grid: list[dict], scored: list[dict], seconds: 
 
 def _correct_on_rows(head, rows) -> np.ndarray:
     """Which rows of :class:`~featx.heads._rows.Rows` a fitted head classifies right (chunk by chunk; ``rows.y`` are class indices)."""
+    import torch  # rows streamed from disk are torch heads' business; sweeps of scikit-learn heads never load torch
+
     return np.concatenate([head.predict(X.numpy()) == head.classes_[y.numpy()] for X, y in rows.chunks(torch.device("cpu"))])
 
 

@@ -21,10 +21,10 @@ interrupted run never damages groups already there. This package is the only par
 opens HDF5 files.
 """
 
-from ._commit import ImageList, check_store_path, commit_group, commit_parts, group_attrs
+from ._commit import ImageList, check_store_path, commit_group, commit_parts, group_attrs, group_feature_dim
 from ._journal import JournalWriter, forget_committed_journals, journal_path
 from ._layout import data_dir
-from ._reader import FeatureSet, FeatureStore, StoreKey, load_features, open_store
+from ._reader import FeatureSet, FeatureStore, StoreKey, is_hdf5_file, load_features, open_store
 
 __all__ = ["StoreKey", "FeatureSet", "FeatureStore", "open_store", "load_features", "JournalWriter", "journal_path", "forget_committed_journals",
-           "commit_group", "commit_parts", "check_store_path", "group_attrs", "ImageList", "data_dir"]
+           "commit_group", "commit_parts", "check_store_path", "group_attrs", "group_feature_dim", "ImageList", "data_dir", "is_hdf5_file"]

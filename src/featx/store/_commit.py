@@ -14,7 +14,7 @@ from ..errors import FeatxError
 from ._layout import Link, StoreCommit, fsync_file
 from ._reader import attr_value
 
-__all__ = ["commit_group", "commit_parts", "check_store_path", "group_attrs", "ImageList"]
+__all__ = ["commit_group", "commit_parts", "check_store_path", "group_attrs", "group_feature_dim", "ImageList"]
 
 _STR = h5py.string_dtype("utf-8")
 # Row columns besides the features, written out in a head file; the last two only when every part has them.
@@ -53,6 +53,16 @@ def group_attrs(out: Path, key: str) -> dict | None:
             return {k: attr_value(v) for k, v in f[key].attrs.items()}
     except (OSError, KeyError) as e:
         raise FeatxError(f"cannot read existing store '{out}': {e}") from None
+
+
+def group_feature_dim(out: Path, key: str) -> int | None:
+    """Width of group ``key``'s features in the store ``out`` (read from the dataset's shape, no rows); None without one."""
+    try:
+        with h5py.File(out, "r") as f:
+            features = f.get(f"{key}/features")
+            return int(features.shape[1]) if features is not None and len(features.shape) == 2 else None
+    except (OSError, KeyError):
+        return None
 
 
 def commit_group(journal: Path, out: Path, key: str, *, overwrite: bool = False) -> None:

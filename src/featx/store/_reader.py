@@ -16,7 +16,7 @@ from ..images import looks_like_image_folder
 
 _logger = logging.getLogger(__name__)
 
-__all__ = ["StoreKey", "FeatureSet", "FeatureStore", "open_store", "load_features", "read_skipped", "attr_value"]
+__all__ = ["StoreKey", "FeatureSet", "FeatureStore", "open_store", "load_features", "read_skipped", "attr_value", "is_hdf5_file"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,11 @@ class FeatureSet:
             )
         return self
 
+
+
+def is_hdf5_file(path: str | os.PathLike) -> bool:
+    """True when ``path`` is an HDF5 file (what a feature store is)."""
+    return h5py.is_hdf5(path)
 
 
 def attr_value(v):
@@ -201,6 +206,13 @@ class FeatureStore:
         names = json.loads(self.file[key].attrs["split_names"])
         present = set(np.unique(self.file[key]["split"][:]).tolist())
         return [n for i, n in enumerate(names) if i in present]
+
+    def split_counts(self, key: str | None = None) -> dict[str, int]:
+        """Rows per split, in stored order (splits without rows left out)."""
+        key = self.resolve_key(key)
+        names = json.loads(self.file[key].attrs["split_names"])
+        counts = np.bincount(self.file[key]["split"][:].astype(np.int64), minlength=len(names))
+        return {n: int(c) for n, c in zip(names, counts) if c}
 
     def labelled_splits(self, key: str | None = None) -> set[str]:
         """Names of the splits that hold at least one labelled row."""
