@@ -25,6 +25,7 @@ _EXPORTS = {
     "PredictResult": "prediction", "predict_images": "prediction",
     "FinetuneResult": "finetuning", "finetune": "finetuning",
     "CompareConfig": "configs", "CompareResult": "comparison", "compare": "comparison",
+    "AuditConfig": "configs", "AuditResult": "auditing", "audit": "auditing",
     "LoadedHead": "head_folder", "load_head": "head_folder", "save_head": "head_folder",
     "ImageSource": "sources", "resolve_source": "sources",
     "FeatureSet": "store", "FeatureStore": "store", "load_features": "store", "open_store": "store",
@@ -47,9 +48,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .auditing import AuditResult, audit  # noqa: F401
     from .backbones import BackboneInfo, create_backbone, load_weights, read_checkpoint  # noqa: F401
     from .comparison import CompareResult, compare  # noqa: F401
-    from .configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
+    from .configs import AuditConfig, CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
     from .embedder import ImageEmbedder  # noqa: F401
     from .evaluation import EvaluationResult, evaluate_head  # noqa: F401
     from .extraction import ExtractResult, extract, extract_many  # noqa: F401
