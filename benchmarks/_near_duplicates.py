@@ -65,8 +65,12 @@ VARIANTS = {
 
 
 def _save(image: Image.Image, target: Path) -> Path:
-    """PNG: the pixels as made (a JPEG save would re-encode them once more)."""
-    image.save(target)
+    """PNG: the pixels as made (a JPEG save would re-encode them once more). A file that already holds these bytes is
+    left alone, so a rerun keeps its file stamps and the store extracted from it stays a cache hit."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    if not target.is_file() or target.read_bytes() != buf.getvalue():
+        target.write_bytes(buf.getvalue())
     return target
 
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from featx import AuditConfig, CompareConfig, ExtractConfig, audit, compare, extract
-from featx.auditing import _labels
+from featx.auditing import _labels, _page
 from featx.cli import main
 from featx.configs import NEAR_DUPLICATE_COSINE
 from featx.heads import blocked_top_k, unit_rows
@@ -253,7 +253,7 @@ def image_audit(image_store, tmp_path_factory):
     return out
 
 
-def test_audit_of_images_with_taps_writes_a_page_with_thumbnails(image_store, image_audit, tmp_path, capsys):
+def test_audit_of_images_with_taps_writes_a_page_with_thumbnails(image_store, image_audit, tmp_path, monkeypatch):
     root, store = image_store
     saved = json.loads((image_audit / "audit.json").read_text())
     both = {"train/class0/copy-of-test-000.png", "test/class0/000.png"}  # (a random-init backbone finds other pairs too)
@@ -267,11 +267,18 @@ def test_audit_of_images_with_taps_writes_a_page_with_thumbnails(image_store, im
     shutil.copytree(root, moved)
     shutil.rmtree(root / "train" / "class2")  # the recorded source changed: thumbnails of those rows are missing, nothing fails
     try:
-        rc, out, err = _run(capsys, "audit", store, "--out", tmp_path / "b", "--source", moved, "--no-progress", "--device", "cpu",
-                            "--folds", "2")
-        assert rc == 0 and "no image" not in (tmp_path / "b" / "audit.html").read_text()
+        result = audit(store, _config(source=str(moved), folds=2), tmp_path / "b")
+        assert "no image" not in (tmp_path / "b" / "audit.html").read_text()
+        src, _ = _page.open_thumbnail_source(None, str(root), store)
+        assert 'class="missing"' in _page.page(result, src)
     finally:
         shutil.copytree(moved / "train" / "class2", root / "train" / "class2")
+    src = _page.open_thumbnail_source(str(moved), None, store)[0]
+    full = _page.page(result, src).count("data:image/jpeg")
+    monkeypatch.setattr(_page, "MAX_PAGE_BYTES", 1_000_000 + 5_000)  # the text's megabyte and room for a few thumbnails
+    small = _page.page(result, src)
+    assert len(small.encode()) <= _page.MAX_PAGE_BYTES and 0 < small.count("data:image/jpeg") < full
+    assert "thumbnails left out to keep the page under 20 MB" in small
 
 
 def _probe_dom(browser: str, page, flags: list[str]) -> list[dict]:

@@ -49,14 +49,14 @@ class Neighbours:
 
 def reader(store: FeatureStore, key: str, blocks, budget_bytes: int):
     """``read(rows)``: the unit-length features (every tap weighing the same) of sorted row numbers; held in memory
-    after one read when they take at most a quarter of the budget (the per-class searches then read no scattered rows)."""
+    after one read when they take at most an eighth of the budget (the per-class searches then read no scattered rows)."""
     from ..heads import unit_rows
 
     n, dim = len(store.row_numbers(key)), store.feature_dim(key)
-    if n * dim * 4 * 4 <= budget_bytes:
+    if n * dim * 4 * 8 <= budget_bytes:
         X = unit_rows(store.features_of(key, np.arange(n)), blocks)
         return lambda rows: X[rows]
-    return lambda rows: unit_rows(store.features_of(key, rows), blocks)
+    return lambda rows: unit_rows(store.features_of(key, rows), blocks, copy=False)  # a fresh array: normalised in place
 
 
 def search(read, query_rows: np.ndarray, reference_rows: np.ndarray, k: int, *, budget_bytes: int, device: str) -> Neighbours:

@@ -88,8 +88,12 @@ def _near_duplicates(store: FeatureStore, plan: FitPlan, config: FitHeadConfig) 
     from ..heads import near_duplicate_count, tap_blocks, unit_rows
 
     blocks = tap_blocks(plan.attrs)
-    return near_duplicate_count(lambda rows: unit_rows(store.features_of(plan.key, rows), blocks), plan.test_rows, plan.train_rows,
-                                NEAR_DUPLICATE_COSINE, budget_bytes=memory_budget(config), device=config.device)
+
+    def read(rows):
+        return unit_rows(store.features_of(plan.key, rows), blocks, copy=False)
+
+    return near_duplicate_count(read, plan.test_rows, plan.train_rows, NEAR_DUPLICATE_COSINE, budget_bytes=memory_budget(config),
+                                device=config.device)
 
 
 def format_params(p: dict) -> str:

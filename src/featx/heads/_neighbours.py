@@ -47,13 +47,14 @@ def chunked_top_k(queries: torch.Tensor, reference: torch.Tensor, k: int, *, nor
     return torch.cat(sims), torch.cat(idx)
 
 
-def unit_rows(X: np.ndarray, blocks: list[tuple[int, int]] | None = None) -> np.ndarray:
-    """Rows scaled to unit length; with ``blocks`` (the taps of a multi-tap embedding) every tap weighs the same
-    (:class:`~featx.heads._taps.TapNormalizer`)."""
+def unit_rows(X: np.ndarray, blocks: list[tuple[int, int]] | None = None, *, copy: bool = True) -> np.ndarray:
+    """Rows scaled to unit length (in place when ``copy`` is False and ``X`` is float32); with ``blocks`` (the taps of a
+    multi-tap embedding) every tap weighs the same (:class:`~featx.heads._taps.TapNormalizer`)."""
     if blocks:
         return TapNormalizer(tuple(blocks)).transform(X)
-    X = np.asarray(X, dtype=np.float32)
-    return X / np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    X = np.array(X, dtype=np.float32) if copy else np.asarray(X, dtype=np.float32)
+    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
+    return X
 
 
 def blocked_top_k(read: Callable[[np.ndarray], np.ndarray], query_rows: np.ndarray, reference_rows: np.ndarray, k: int, *,
@@ -61,16 +62,17 @@ def blocked_top_k(read: Callable[[np.ndarray], np.ndarray], query_rows: np.ndarr
     """(similarities [n, k] float32, reference row numbers [n, k] int64) of the ``k`` best ``reference_rows`` of every
     ``query_rows`` row, best first; missing neighbours (fewer reference rows than ``k``) have similarity -inf and row -1.
 
-    ``read(rows)`` returns the (already normalised) features of sorted row numbers. Queries and references are read
-    in blocks of at most ``budget_bytes / 2`` each (one block each when both fit); with ``exclude_self`` a row is never
-    its own neighbour.
+    ``read(rows)`` returns the (already normalised) float32 features of sorted row numbers. Queries and references
+    are read in blocks of at most ``budget_bytes / 8`` each (one block each when both fit), which leaves room for
+    the copies a block goes through while it is read and normalised; with ``exclude_self`` a row is never its own
+    neighbour. Besides the budget, memory holds the best ``k`` of every query and one similarity chunk (128 MB).
     """
     dev = resolve_device(device)
     query_rows, reference_rows = np.asarray(query_rows, dtype=np.int64), np.asarray(reference_rows, dtype=np.int64)
     if len(query_rows) == 0 or len(reference_rows) == 0:
         return np.full((len(query_rows), k), -np.inf, np.float32), np.full((len(query_rows), k), -1, np.int64)
     dim = read(reference_rows[:1]).shape[1]
-    block = max(1, int(budget_bytes // 2 // (4 * dim)))
+    block = max(1, int(budget_bytes // 8 // (4 * dim)))
     same = exclude_self and np.intersect1d(query_rows, reference_rows).size > 0
     best_s = torch.full((len(query_rows), k), -torch.inf, device=dev)
     best_i = torch.full((len(query_rows), k), -1, dtype=torch.long, device=dev)
@@ -83,10 +85,12 @@ def blocked_top_k(read: Callable[[np.ndarray], np.ndarray], query_rows: np.ndarr
             reference = queries if np.array_equal(r_rows, q_rows) else torch.as_tensor(read(r_rows), device=dev)
             r_ids = torch.as_tensor(r_rows, device=dev)
             s, i = chunked_top_k(queries, reference, k, query_ids=q_ids, reference_ids=r_ids if same else None)
+            del reference  # before the next block is read
             merged_s = torch.cat([best_s[qs : qs + block], s], 1)
             merged_i = torch.cat([best_i[qs : qs + block], r_ids[i]], 1)
             top = merged_s.topk(k, dim=1)
             best_s[qs : qs + block], best_i[qs : qs + block] = top.values, merged_i.gather(1, top.indices)
+        del queries
     best_i[torch.isinf(best_s)] = -1
     return best_s.cpu().numpy(), best_i.cpu().numpy()
 
