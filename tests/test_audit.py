@@ -21,7 +21,7 @@ from featx.splits import stratified_folds
 
 from conftest import make_image_folder
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def write_store(path, X, labels, ids, splits, class_names, *, key="feats", digests=None):
@@ -62,7 +62,7 @@ def faulty_blobs(n_per=100, n_test=25, K=4, dim=256, n_flips=20, n_copies=10, se
 
 
 @pytest.fixture(scope="module")
-def faulty(tmp_path_factory):
+def faulty(tmp_path_factory, one_thread_module):
     arrays, flips, copies = faulty_blobs()
     return write_store(tmp_path_factory.mktemp("faulty") / "faulty.h5", *arrays), flips, copies
 
@@ -232,7 +232,7 @@ def test_fit_head_and_compare_mention_the_audit_when_near_duplicates_cross_train
 
 
 @pytest.fixture(scope="module")
-def image_store(tmp_path_factory):
+def image_store(tmp_path_factory, one_thread_module):
     """Generated images in train/test folders with two copies of test images in train; a two-tap group."""
     root = make_image_folder(tmp_path_factory.mktemp("imgs") / "images", per_class=6, splits=("train",))
     make_image_folder(root, per_class=3, splits=("test",), seed=500)
