@@ -334,3 +334,14 @@ def test_the_page_shows_its_thumbnails_in_headless_chromium(image_audit, tmp_pat
         assert diff < 12, f"{img['alt']} at {img['data-box']} does not show its thumbnail (mean difference {diff:.1f})"
         compared += 1
     assert compared >= 5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_blocked_search_on_cuda_matches_cpu():
+    rng = np.random.default_rng(5)
+    X = unit_rows(rng.normal(size=(3000, 64)))
+    rows = np.arange(3000)
+    cpu = blocked_top_k(lambda r: X[r], rows, rows, 5, budget_bytes=64 * 4 * 8 * 700, device="cpu")
+    gpu = blocked_top_k(lambda r: X[r], rows, rows, 5, budget_bytes=64 * 4 * 8 * 700, device="cuda")
+    assert np.allclose(cpu[0], gpu[0], atol=1e-5) and (cpu[1] == gpu[1]).mean() > 0.999

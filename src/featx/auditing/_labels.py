@@ -7,7 +7,6 @@ on itself; cleanlab's ``find_label_issues`` ranks the rows whose given label tho
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -15,8 +14,6 @@ import numpy as np
 from ..splits import stratified_folds
 
 __all__ = ["LabelCheck", "out_of_fold_probabilities", "label_issues", "confusable_pairs", "label_rows"]
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclass

@@ -8,7 +8,6 @@ same-class score.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,8 +15,6 @@ import numpy as np
 from ..store import FeatureStore
 
 __all__ = ["Rows", "Neighbours", "reader", "search", "near_duplicate_pairs", "outlier_scores"]
-
-_logger = logging.getLogger(__name__)
 
 
 @dataclass
