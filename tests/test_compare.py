@@ -169,13 +169,13 @@ def test_adding_a_model_costs_only_the_new_model(images, tmp_path, monkeypatch):
 
     out = tmp_path / "cmp"
     config = dict(heads="logreg,ncm", img_size=32, workers=0, progress=False)
-    first = compare(str(images), CompareConfig(models=["test_resnet"], **config), out)
+    first = compare(str(images), CompareConfig(models=["test_resnet=random"], **config), out)
     kept = _files(out / "heads" / "test_resnet")
     with h5py.File(out / "features.h5") as f:
         resnet_rows = f["test_resnet/features"][()]
     fitted, real_fit = [], run_module.fit_head
     monkeypatch.setattr(run_module, "fit_head", lambda store, c, out: fitted.append((c.model, c.head)) or real_fit(store, c, out))
-    second = compare(str(images), CompareConfig(models=["test_resnet", "test_efficientnet"], **config), out)
+    second = compare(str(images), CompareConfig(models=["test_resnet=random", "test_efficientnet=random"], **config), out)
     assert second.done["extracted"] == 1 and second.done["cached_groups"] == 1  # test_resnet: a cache hit
     assert second.done["fitted"] == 2 and second.done["cached_heads"] == 2
     assert fitted == [("test_efficientnet", "logreg"), ("test_efficientnet", "ncm")]
@@ -190,7 +190,7 @@ def test_adding_a_model_costs_only_the_new_model(images, tmp_path, monkeypatch):
 
 def test_compare_finetune_adds_a_row_scored_on_the_same_test_images(images, tmp_path, monkeypatch):
     out = tmp_path / "cmp"
-    config = CompareConfig(models=["test_resnet"], heads="ncm", finetune=True, img_size=32, workers=0, progress=False)
+    config = CompareConfig(models=["test_resnet=random"], heads="ncm", finetune=True, img_size=32, workers=0, progress=False)
     result = compare(str(images), config, out)
     rows = {r["head"]: r for r in result.leaderboard.rows}
     metrics = json.loads((out / "finetune" / "test_resnet" / "metrics.json").read_text())

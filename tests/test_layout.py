@@ -18,7 +18,7 @@ LAYERS = {
     "loading": 3,
     "embedder": 4, "head_folder": 4, "run_folder": 4,
     "extraction": 5, "fitting": 5, "evaluation": 5, "prediction": 5, "finetuning": 5, "exporting": 5, "description": 5,
-    "demo": 6, "comparison": 6,
+    "demo": 6, "comparison": 6, "auditing": 6,
     "cli": 7,
     "__main__": 8, "__init__": 8,
 }

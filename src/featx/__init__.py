@@ -26,6 +26,7 @@ _EXPORTS = {
     "ExportConfig": "configs", "ExportResult": "exporting", "export_classifier": "exporting",
     "FinetuneResult": "finetuning", "finetune": "finetuning",
     "CompareConfig": "configs", "CompareResult": "comparison", "compare": "comparison",
+    "AuditConfig": "configs", "AuditResult": "auditing", "audit": "auditing",
     "LoadedHead": "head_folder", "load_head": "head_folder", "save_head": "head_folder",
     "ImageSource": "sources", "resolve_source": "sources",
     "FeatureSet": "store", "FeatureStore": "store", "load_features": "store", "open_store": "store",
@@ -48,9 +49,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from .auditing import AuditResult, audit  # noqa: F401
     from .backbones import BackboneInfo, create_backbone, load_weights, read_checkpoint  # noqa: F401
     from .comparison import CompareResult, compare  # noqa: F401
-    from .configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
+    from .configs import AuditConfig, CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig  # noqa: F401
     from .embedder import ImageEmbedder  # noqa: F401
     from .configs import ExportConfig  # noqa: F401
     from .evaluation import EvaluationResult, evaluate_head  # noqa: F401

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from .errors import FeatxError
 
 __all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "ExportConfig", "DemoConfig", "CompareConfig", "parse_freeze",
-           "FAST_HEADS", "AUGMENTS", "extract_configs"]
+           "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
 FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
@@ -235,6 +235,32 @@ class FinetuneConfig:
             raise FeatxError(f"--holdout must be between 0 and 1, got {self.holdout}")
         if self.pretrained and self.weights:
             raise FeatxError("use either --pretrained or --weights, not both")
+
+
+# Cosine similarity at or above which two embeddings are near-duplicates (featx audit, and fit-head's and compare's
+# train/test line). Chosen in benchmarks/audit.py (section audit_calibration) on 3,000 CIFAR-10 training images and
+# copies of 500 of them, EfficientNet-Lite0 features: the lowest of 0.80, 0.81, ... giving at most 2 pairs among the
+# clean images (91% of the copies found there); its benchmark reports on other images.
+NEAR_DUPLICATE_COSINE = 0.88
+
+
+@dataclass
+class AuditConfig:
+    """Options of ``featx audit``."""
+
+    model: str | None = None  # group key in the store (default: its only one)
+    source: str | None = None  # where the thumbnails come from (default: the source the store recorded)
+    threshold: float = NEAR_DUPLICATE_COSINE  # cosine similarity at or above which two images are near-duplicates
+    k: int = 10  # neighbours searched per image: near-duplicates among them; outlier score: distance to the k-th
+    folds: int = 5  # folds of the out-of-fold probabilities on the training split
+    top: int = 50  # findings per check shown in audit.md and audit.html (audit.json holds them all)
+    train_split: str | None = None  # training split (default: as fit-head chooses it)
+    test_split: str | None = None  # test split (default: as fit-head chooses it)
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda[:N]
+    seed: int = 0  # seed of the folds and of the sweeps' validation splits
+    max_memory: float | None = None  # GB the neighbour search may hold (default: half of the memory available)
+    overwrite: bool = False  # replace an audit of other features already in the output folder
+    progress: bool = True  # show progress bars
 
 
 def parse_freeze(spec: str) -> tuple[str, int]:

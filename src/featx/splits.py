@@ -2,7 +2,8 @@
 
 ``featx fit-head``, ``evaluate``, ``finetune``, the sweeps and early stopping all hold rows out
 with :func:`stratified_holdout` and choose their splits with :func:`choose_splits`, so a head
-and a fine-tuning run on the same images are scored on the same test rows.
+and a fine-tuning run on the same images are scored on the same test rows; ``featx audit``'s
+out-of-fold probabilities come from :func:`stratified_folds`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 
 from .errors import FeatxError
 
-__all__ = ["SPLIT_FOLDER_NAMES", "TRAIN_SPLIT_NAMES", "TEST_SPLIT_NAMES", "stratified_holdout", "pick_split", "choose_splits"]
+__all__ = ["SPLIT_FOLDER_NAMES", "TRAIN_SPLIT_NAMES", "TEST_SPLIT_NAMES", "stratified_holdout", "stratified_folds", "pick_split", "choose_splits"]
 
 TRAIN_SPLIT_NAMES = ("train", "training")
 # Preferred test splits, best first ("val" when there is no "test").
@@ -41,6 +42,18 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
         raise FeatxError(f"cannot hold out {fraction:.0%} of {n} rows; use more images or another fraction")
     kept, held = train_test_split(np.arange(n), test_size=n_held, random_state=seed, stratify=stratify)
     return np.sort(kept), np.sort(held)
+
+
+def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(training rows, held-out rows) of each of ``n_folds`` seeded, shuffled, stratified folds: every row is held out
+    exactly once, by a model that did not train on it (out-of-fold predictions, as ``cross_val_predict``)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.asarray(y)
+    if np.unique(y, return_counts=True)[1].min() < n_folds:
+        raise FeatxError(f"{n_folds} folds need at least {n_folds} rows of every class")
+    folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    return [(np.sort(tr), np.sort(te)) for tr, te in folds]
 
 
 def pick_split(names, preferred: tuple[str, ...]) -> str | None:

@@ -7,7 +7,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..configs import AUGMENTS, CompareConfig, DemoConfig, ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
+from ..configs import AUGMENTS, AuditConfig, CompareConfig, DemoConfig, ExportConfig, ExtractConfig, FinetuneConfig, FitHeadConfig, PredictConfig
 from ..files import check_writable
 from . import _checks
 from ._options import (add_backbone_options, add_option, add_runtime_options, config_from, fraction, grid_values, head_param,
@@ -359,4 +359,41 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_export, add_finetune, add_compare, add_demo, add_info]
+
+# -- audit -------------------------------------------------------------------------------------
+def add_audit(sub) -> None:
+    p = sub.add_parser("audit", help="what is wrong with the data: near-duplicates, likely label errors, outliers, confusable classes",
+                       description="Audit a group of a feature store from its embeddings: near-duplicate pairs within and across splits "
+                                   "(cosine similarity at or above a threshold), likely label errors (cleanlab on out-of-fold "
+                                   "probabilities of the swept logistic regression, k-fold on the training split), outliers (distance to "
+                                   "the k-th neighbour of any class and of the same class) and confusable class pairs. Writes "
+                                   "audit.json, audit.md and audit.html (one static page with thumbnails) to DIR.")
+    p.add_argument("features", metavar="FEATURES.h5", help="feature store written by featx extract")
+    add_option(p, AuditConfig, "--model", metavar="KEY", help="feature group in the store (default: its only one)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for audit.json, audit.md and audit.html")
+    add_option(p, AuditConfig, "--source", metavar="SOURCE",
+               help="where the thumbnails come from (default: the source the store recorded at extraction)")
+    add_option(p, AuditConfig, "--threshold", type=positive_number, metavar="COSINE",
+               help="cosine similarity at or above which two images are near-duplicates")
+    add_option(p, AuditConfig, "--k", type=positive_int, metavar="K",
+               help="neighbours searched per image: near-duplicates listed among them; outlier score: distance to the k-th")
+    add_option(p, AuditConfig, "--folds", type=positive_int, metavar="N", help="folds of the out-of-fold probabilities")
+    add_option(p, AuditConfig, "--top", type=positive_int, metavar="N", help="findings per check in audit.md and audit.html")
+    add_option(p, AuditConfig, "--train-split", metavar="S", help="training split (default: train, or the only split)")
+    add_option(p, AuditConfig, "--test-split", metavar="S", help="test split (default: test/val if labelled)")
+    add_runtime_options(p, AuditConfig, names=("device", "progress"))
+    add_option(p, AuditConfig, "--seed", type=non_negative_int, help="seed of the folds and of the sweeps' validation splits")
+    add_option(p, AuditConfig, "--max-memory", type=positive_number, metavar="GB",
+               help="memory the neighbour search and the label check may hold (default: half of the memory available)")
+    add_option(p, AuditConfig, "--overwrite", action="store_true", help="replace an audit of other features in DIR")
+    p.add_argument("--json", action="store_true", help="print the whole audit as one JSON object on the last line")
+    p.set_defaults(func=cmd_audit)
+
+
+def cmd_audit(args) -> int:
+    from ..auditing import audit
+
+    return _print_result(audit(args.features, config_from(AuditConfig, args), args.out), args.json)
+
+
+COMMANDS = [add_extract, add_fit_head, add_evaluate, add_predict, add_export, add_finetune, add_compare, add_audit, add_demo, add_info]

@@ -20,7 +20,7 @@ from ..configs import CompareConfig, ExtractConfig, FinetuneConfig, FitHeadConfi
 from ..errors import FeatxError
 from ..extraction import extract
 from ..files import check_writable, write_text_atomic
-from ..fitting import fit_head, plan_fit
+from ..fitting import fit_head, near_duplicates_line, plan_fit
 from ..heads import HEADS
 from ..sources import ImageSource, resolve_source
 from ..store import FeatureStore
@@ -40,12 +40,15 @@ class CompareResult:
     leaderboard: Leaderboard
     plan: str  # the one-line plan printed at the start
     done: dict = field(default_factory=dict)  # {'extracted': n, 'cached_groups': n, 'fitted': n, 'cached_heads': n, ...}
+    near_duplicates: int = 0  # test images with a near-duplicate among the training images (as fit-head counts them)
 
     def to_dict(self) -> dict:
-        return {"out": str(self.out), "plan": self.plan, "done": self.done, **self.leaderboard.to_dict()}
+        return {"out": str(self.out), "plan": self.plan, "done": self.done, "n_train_test_near_duplicates": self.near_duplicates,
+                **self.leaderboard.to_dict()}
 
     def summary(self) -> str:
-        return self.leaderboard.markdown() + f"\n\nWrote {', '.join(str(p) for p in self.leaderboard.paths)}."
+        note = f"\n{near_duplicates_line(self.near_duplicates, self.leaderboard.test['n'])}" if self.near_duplicates else ""
+        return self.leaderboard.markdown() + f"\n\nWrote {', '.join(str(p) for p in self.leaderboard.paths)}." + note
 
 
 def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out: str | os.PathLike) -> CompareResult:
@@ -78,7 +81,7 @@ def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out:
     leaderboard = Leaderboard(rows, steps.test_description(groups[0]), n_classes=steps.n_classes(groups[0]))
     leaderboard.write(out)
     steps.done["seconds"] = time.perf_counter() - t0
-    return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done)
+    return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done, near_duplicates=steps.near_duplicates)
 
 
 def _store_groups(store: Path) -> list[str]:
@@ -103,6 +106,7 @@ class _Steps:
         self.out, self.store, self.heads, self.config, self.backbones = out, store, heads, config, backbones
         self.done = {"extracted": 0, "cached_groups": 0, "fitted": 0, "cached_heads": 0, "finetuned": 0, "cached_finetunes": 0}
         self.bar = None
+        self.near_duplicates = 0  # the most test images with a training near-duplicate, over the groups' heads
         self.groups = [b.key for b in backbones] if backbones else _store_groups(store)
         self.total = len(self.groups) * (len(heads) + (1 if backbones else 0) + (1 if config.finetune else 0))
 
@@ -172,6 +176,7 @@ class _Steps:
             else:
                 self.done["cached_heads"] += 1
             rows.append(head_row(group, head, meta, attrs))
+            self.near_duplicates = max(self.near_duplicates, int(meta.get("n_train_test_near_duplicates") or 0))
             self._step(f"{group} {head}: {rows[-1]['accuracy']:.3f}")
         return rows
 

@@ -2,6 +2,6 @@
 test once, save), ``_streamed`` (training features larger than memory, read in chunks)."""
 
 from ._plan import FitPlan, plan_fit
-from ._workflow import FitHeadResult, fit_head, format_params
+from ._workflow import FitHeadResult, fit_head, format_params, near_duplicates_line
 
-__all__ = ["FitHeadResult", "fit_head", "format_params", "FitPlan", "plan_fit"]
+__all__ = ["FitHeadResult", "fit_head", "format_params", "near_duplicates_line", "FitPlan", "plan_fit"]

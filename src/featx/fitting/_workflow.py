@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..configs import FitHeadConfig
+from ..configs import NEAR_DUPLICATE_COSINE, FitHeadConfig
 from ..errors import FeatxError, shell_command
 from ..files import check_writable, jsonable
 from ..head_folder import BACKBONE_ATTRS, FORMAT, save_head
@@ -25,7 +25,7 @@ from ..provenance import provenance
 from ..store import FeatureStore
 from ._plan import FitPlan, head_params, memory_budget, plan_fit, sweep_grid
 
-__all__ = ["FitHeadResult", "fit_head", "format_params"]
+__all__ = ["FitHeadResult", "fit_head", "format_params", "near_duplicates_line"]
 
 _logger = logging.getLogger(__name__)
 
@@ -49,13 +49,15 @@ class FitHeadResult:
     n_train_test_duplicates: int | None = None  # test rows whose image (same bytes) is also a training row; None: not recorded
     dim: int | None = None  # feature dimension the head was fitted on
     features: str | None = None  # the store, as given
+    n_train_test_near_duplicates: int = 0  # test rows with a training row at cosine >= NEAR_DUPLICATE_COSINE
 
     def to_dict(self) -> dict:
         return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
                 "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
                 "test_split": self.test_split, "test_split_description": self.test_description,
                 "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep,
-                "n_train_test_duplicates": self.n_train_test_duplicates, "dim": self.dim, "features": self.features,
+                "n_train_test_duplicates": self.n_train_test_duplicates,
+                "n_train_test_near_duplicates": self.n_train_test_near_duplicates, "dim": self.dim, "features": self.features,
                 "out": str(self.out)}
 
     def summary(self) -> str:
@@ -72,6 +74,8 @@ class FitHeadResult:
                          f"{s['n_val']} validation rows, {s['seconds']:.2f} s): chose {format_params(s['best'])} "
                          f"(validation accuracy {s['best_val_accuracy']:.4f}{_tied(s)}); curve: {curve}")
         lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()))
+        if self.n_train_test_near_duplicates:
+            lines.append(near_duplicates_line(self.n_train_test_near_duplicates, self.n_test, self.features))
         command = shell_command("featx", "evaluate", self.out, self.features or "FEATURES.h5")
         lines.append(f"Saved to {self.out} (evaluate with '{command}').")
         return "\n".join(lines)
@@ -80,6 +84,25 @@ class FitHeadResult:
 def _tied(sweep: dict) -> str:
     n = sweep.get("n_tied", 1)
     return f"; the middle of {n} values the validation rows cannot tell apart" if n > 1 else ""
+
+
+def near_duplicates_line(n: int, n_test: int, features: str | None = None) -> str:
+    command = shell_command("featx", "audit", features or "FEATURES.h5", "--out", "DIR")
+    return (f"Note: {n} of the {n_test} test images have a near-duplicate among the training images (cosine >= "
+            f"{NEAR_DUPLICATE_COSINE:g}), which inflates the score; see them with '{command}'.")
+
+
+def _near_duplicates(store: FeatureStore, plan: FitPlan, config: FitHeadConfig) -> int:
+    """Test rows with a near-duplicate among the training rows (the kNN head's chunked search, bounded memory)."""
+    from ..heads import near_duplicate_count, tap_blocks, unit_rows
+
+    blocks = tap_blocks(plan.attrs)
+
+    def read(rows):
+        return unit_rows(store.features_of(plan.key, rows), blocks, copy=False)
+
+    return near_duplicate_count(read, plan.test_rows, plan.train_rows, NEAR_DUPLICATE_COSINE, budget_bytes=memory_budget(config),
+                                device=config.device)
 
 
 def format_params(p: dict) -> str:
@@ -103,16 +126,18 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
             fit_seconds = predict_seconds = time.perf_counter() - t0  # streamed: fitting and scoring share the reads
         else:
             pipeline, sweep_result, scores, y_pred, fit_seconds, predict_seconds = _fit_in_memory(store, plan, pipeline, config)
+        near = _near_duplicates(store, plan, config)
     metrics = classification_metrics(plan.y_test, y_pred, scores, n_classes=len(plan.class_names))
     sweep = sweep_result.to_dict() if sweep_result else None
     for note in sweep_result.edge_notes() if sweep_result else []:
         _logger.warning("'%s' on '%s': %s", config.head, plan.key, note)
-    meta = _sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds)
+    meta = {**_sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds), "n_train_test_near_duplicates": near}
     save_head(out, pipeline, meta, overwrite=True)
     return FitHeadResult(out=out, head=config.head, model=plan.key, metrics=metrics, n_train=len(plan.train_rows),
                          n_test=len(plan.test_rows), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                          train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep,
-                         n_train_test_duplicates=plan.n_duplicates, dim=int(plan.dim), features=str(features))
+                         n_train_test_duplicates=plan.n_duplicates, dim=int(plan.dim), features=str(features),
+                         n_train_test_near_duplicates=near)
 
 
 def _pipeline(config: FitHeadConfig, attrs: dict):

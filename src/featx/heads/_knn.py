@@ -1,9 +1,9 @@
 """k nearest neighbours on embeddings: one chunked neighbour search serves every k of a grid.
 
 Similarities are computed on the device in query chunks (memory bounded), and only the top ``k``
-neighbours of each query are kept. Votes are plain majority votes or DINOv2's temperature-weighted
-votes (each neighbour counts ``exp(similarity / T)``), times the weight of the neighbour's class when
-``class_weight`` is given (``'balanced'``: rare classes' neighbours count more).
+neighbours of each query are kept (``chunked_top_k``). Votes are plain majority votes or DINOv2's
+temperature-weighted votes (each neighbour counts ``exp(similarity / T)``), times the weight of the
+neighbour's class when ``class_weight`` is given (``'balanced'``: rare classes' neighbours count more).
 """
 
 from __future__ import annotations
@@ -13,11 +13,10 @@ import torch
 from sklearn.utils.validation import check_is_fitted
 
 from ..device import resolve_device
+from ._neighbours import chunked_top_k
 from ._torch_base import TorchHead, class_weights
 
 __all__ = ["KNNClassifier"]
-
-_MAX_SIMILARITIES = 1 << 25  # floats per query chunk x training rows block (128 MB)
 
 
 class KNNClassifier(TorchHead):
@@ -71,19 +70,8 @@ class KNNClassifier(TorchHead):
         dev = resolve_device(self.device)
         train = torch.as_tensor(self.fit_X_, device=dev)
         norms = (train * train).sum(1) if self.metric == "euclidean" else None
-        k = min(k, len(train))
         queries = torch.as_tensor(self._normalise(np.asarray(X, dtype=np.float32)), device=dev)
-        chunk = max(1, _MAX_SIMILARITIES // max(1, len(train)))
-        sims, idx = [], []
-        for s in range(0, len(queries), chunk):
-            q = queries[s : s + chunk]
-            sim = q @ train.T
-            if norms is not None:  # -||q - t||^2 up to a per-query constant: same order as the distance
-                sim = 2 * sim - norms
-            top = sim.topk(k, dim=1)
-            sims.append(top.values)
-            idx.append(top.indices)
-        return torch.cat(sims), torch.cat(idx)
+        return chunked_top_k(queries, train, k, norms=norms)
 
     def _votes(self, sims: torch.Tensor, idx: torch.Tensor, k: int) -> torch.Tensor:
         """Class votes [n, n_classes] from the first ``k`` neighbours, normalised to sum 1."""

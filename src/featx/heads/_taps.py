@@ -6,11 +6,19 @@ per stage); normalising each block separately gives every tap the same weight in
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-__all__ = ["TapNormalizer"]
+__all__ = ["TapNormalizer", "tap_blocks"]
+
+
+def tap_blocks(attrs: dict) -> list[tuple[int, int]] | None:
+    """Column ranges ``[(start, stop)]`` of the taps of a multi-tap group (its attributes' ``taps``); None for one tap."""
+    taps = json.loads(attrs.get("taps") or "[]")
+    return [(int(t["start"]), int(t["stop"])) for t in taps] if len(taps) > 1 else None
 
 
 class TapNormalizer(TransformerMixin, BaseEstimator):

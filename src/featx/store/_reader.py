@@ -248,6 +248,17 @@ class FeatureStore:
         """Labels of the sorted ``rows`` (features are not read)."""
         return _take(self.file[self.resolve_key(key)]["labels"], np.asarray(rows))
 
+    def ids_of(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Image ids (str, object array) of the sorted ``rows`` (features are not read)."""
+        ids = _take(self.file[self.resolve_key(key)]["ids"], np.asarray(rows))
+        return np.asarray([s.decode() if isinstance(s, bytes) else s for s in ids], dtype=object)
+
+    def splits_of(self, key: str, rows: np.ndarray) -> np.ndarray:
+        """Split names (str, object array) of the sorted ``rows``."""
+        g = self.file[self.resolve_key(key)]
+        codes = _take(g["split"], np.asarray(rows))
+        return np.asarray(json.loads(g.attrs["split_names"]), dtype=object)[codes] if len(codes) else np.array([], dtype=object)
+
     def features_of(self, key: str, rows: np.ndarray) -> np.ndarray:
         """Features [len(rows), D] (float32) of the sorted ``rows``; only those rows are read."""
         return _take(self.file[self.resolve_key(key)]["features"], np.asarray(rows)).astype(np.float32, copy=False)
