@@ -16,7 +16,7 @@ from featx import AuditConfig, CompareConfig, ExtractConfig, audit, compare, ext
 from featx.auditing import _labels, _page
 from featx.cli import main
 from featx.configs import NEAR_DUPLICATE_COSINE
-from featx.heads import blocked_top_k, unit_rows
+from featx.heads import blocked_top_k, near_duplicate_count, unit_rows
 from featx.splits import stratified_folds
 
 from conftest import make_image_folder
@@ -81,6 +81,19 @@ def test_blocked_search_is_exact_with_many_blocks():
     np.fill_diagonal(S, -np.inf)
     assert np.allclose(sims, -np.sort(-S, axis=1)[:, :4], atol=1e-6)
     assert not (idx == rows[:, None]).any() and idx[4, 0] == 9 and idx[9, 0] == 4
+
+
+def test_near_duplicate_count_without_torch_matches_the_blocked_search():
+    rng = np.random.default_rng(2)
+    X = rng.normal(size=(300, 12))
+    X[200:230] = X[:30] + 0.05 * rng.normal(size=(30, 12))  # 30 queries with a close training row
+    X = unit_rows(X)
+    queries, reference = np.arange(150, 300), np.arange(0, 200)  # overlapping: a row is not its own near-duplicate
+    for budget in (10**9, 12 * 4 * 8 * 20):  # one block, blocks of 20 rows
+        sims, _ = blocked_top_k(lambda r: X[r], queries, reference, 1, budget_bytes=budget, device="cpu")
+        expected = int((sims[:, 0] >= 0.95).sum())
+        assert expected >= 30
+        assert near_duplicate_count(lambda r: X[r], queries, reference, 0.95, budget_bytes=budget, device="cpu") == expected
 
 
 def test_audit_finds_injected_flips_and_near_duplicates(faulty, tmp_path):

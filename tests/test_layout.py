@@ -13,7 +13,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "featx"
 # Layer of every top-level module or package of featx; a module imports only from lower layers.
 LAYERS = {
     "_version": 0, "errors": 0,
-    "files": 1, "provenance": 1, "configs": 1, "device": 1, "images": 1, "metrics": 1, "splits": 1, "statistics": 1,
+    "files": 1, "provenance": 1, "configs": 1, "device": 1, "images": 1, "metrics": 1, "splits": 1, "statistics": 1, "machine": 1,
     "plots": 2, "sources": 2, "preprocess": 2, "backbones": 2, "taps": 2, "runtimes": 2, "store": 2, "heads": 2, "distributed": 2,
     "loading": 3,
     "embedder": 4, "head_folder": 4, "run_folder": 4,

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 from ..configs import ExtractConfig
 from ..errors import FeatxError
 from ..files import NAMED_WEIGHTS, check_checkpoint_file, file_sha256, safe_name
+from ..machine import certainly_cpu
 from ..provenance import code_versions
 from ..sources import ImageSource, resolve_source
 from ..store import check_store_path, group_attrs, group_feature_dim
@@ -33,9 +33,6 @@ __all__ = ["KEY_OPTIONS", "key_request", "check_extraction", "cache_hits"]
 # The options of ExtractConfig that, with the weights and the code, determine a group's StoreKey besides its images.
 # An option that changes the features goes here (and into StoreKey): requests recorded without it then differ.
 KEY_OPTIONS = ("model", "pretrained", "img_size", "preprocess", "layers", "tta", "dtype")
-
-# Device files through which torch could reach a GPU (NVIDIA, AMD ROCm, WSL); without any, device 'auto' is the CPU.
-_GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
 
 
 def key_request(config: ExtractConfig, *, precision: str, weights_file_sha256: str | None) -> str:
@@ -75,16 +72,9 @@ def check_extraction(source: str | os.PathLike | ImageSource, configs: list[Extr
     return src
 
 
-def _certainly_cpu(device: str) -> bool:
-    """True when ``device`` resolves to the CPU for sure: 'cpu', or 'auto' on a machine without GPU device files."""
-    if device == "cpu":
-        return True
-    return device == "auto" and platform.system() in ("Linux", "Darwin") and not any(os.path.exists(f) for f in _GPU_DEVICE_FILES)
-
-
 def _cache_hit(src: ImageSource, config: ExtractConfig, out: Path, t_start: float) -> ExtractResult | None:
     """The result of a cache hit of ``config`` in ``out``, or None when it is not one for sure."""
-    if config.pretrained or config.weights in NAMED_WEIGHTS or config.precision not in ("auto", "fp32") or not _certainly_cpu(config.device):
+    if config.pretrained or config.weights in NAMED_WEIGHTS or config.precision not in ("auto", "fp32") or not certainly_cpu(config.device):
         return None
     key = config.key or config.model
     if any(out.parent.glob(f"{out.name}.{safe_name(key)}.*partial")):  # an interrupted run's journals: the full plan decides

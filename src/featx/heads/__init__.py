@@ -24,8 +24,8 @@ _LAZY = {
     "heads_linear_map": "_linear_map", "heads_score_map": "_linear_map", "fold_affine_steps": "_linear_map",
     "LogisticRegressionClassifier": "_logreg", "RidgeClassifier": "_ridge", "KNNClassifier": "_knn",
     "showing_progress": "_progress", "grid_edges": "_sweep",
-    "chunked_top_k": "_neighbours", "blocked_top_k": "_neighbours", "unit_rows": "_neighbours",
-    "near_duplicate_count": "_neighbours", "tap_blocks": "_taps",
+    "chunked_top_k": "_neighbours", "blocked_top_k": "_neighbours", "unit_rows": "_near_duplicates",
+    "near_duplicate_count": "_near_duplicates", "tap_blocks": "_taps",
 }
 
 __all__ = ["HEADS", "TORCH_HEADS", "HeadSpec", "check_head_name", "make_head", "grid_of", "predict_scores", "full_scores", "is_torch_head", *_LAZY]
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from ._knn import KNNClassifier  # noqa: F401
     from ._linear_map import fold_affine_steps, heads_linear_map, heads_score_map  # noqa: F401
     from ._logreg import LogisticRegressionClassifier  # noqa: F401
-    from ._neighbours import blocked_top_k, chunked_top_k, near_duplicate_count, unit_rows  # noqa: F401
+    from ._near_duplicates import near_duplicate_count, unit_rows  # noqa: F401
+    from ._neighbours import blocked_top_k, chunked_top_k  # noqa: F401
     from ._progress import showing_progress  # noqa: F401
     from ._ridge import RidgeClassifier  # noqa: F401
     from ._mlp import MLPClassifier  # noqa: F401

@@ -4,7 +4,7 @@
 ``_MAX_SIMILARITIES`` floats at once) and keeps the best ``k`` per query. :func:`blocked_top_k`
 runs it over blocks of rows read on demand (an HDF5 store), merging each query's best ``k`` across
 reference blocks, so memory stays within a budget however many rows there are: the audit's
-near-duplicate and outlier checks and fit-head's train/test near-duplicate count use it.
+near-duplicate and outlier checks use it, and fit-head's train/test near-duplicate count where a GPU may be used.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
-from ._taps import TapNormalizer
 
-__all__ = ["chunked_top_k", "blocked_top_k", "unit_rows", "near_duplicate_count"]
+__all__ = ["chunked_top_k", "blocked_top_k"]
 
 _MAX_SIMILARITIES = 1 << 25  # floats per query chunk x reference rows block (128 MB)
 
@@ -45,16 +44,6 @@ def chunked_top_k(queries: torch.Tensor, reference: torch.Tensor, k: int, *, nor
     if not sims:
         return torch.empty(0, k, device=reference.device), torch.empty(0, k, dtype=torch.long, device=reference.device)
     return torch.cat(sims), torch.cat(idx)
-
-
-def unit_rows(X: np.ndarray, blocks: list[tuple[int, int]] | None = None, *, copy: bool = True) -> np.ndarray:
-    """Rows scaled to unit length (in place when ``copy`` is False and ``X`` is float32); with ``blocks`` (the taps of a
-    multi-tap embedding) every tap weighs the same (:class:`~featx.heads._taps.TapNormalizer`)."""
-    if blocks:
-        return TapNormalizer(tuple(blocks)).fit(X).transform(X)
-    X = np.array(X, dtype=np.float32) if copy else np.asarray(X, dtype=np.float32)
-    X /= np.maximum(np.linalg.norm(X, axis=1, keepdims=True), 1e-12)
-    return X
 
 
 def blocked_top_k(read: Callable[[np.ndarray], np.ndarray], query_rows: np.ndarray, reference_rows: np.ndarray, k: int, *,
@@ -93,10 +82,3 @@ def blocked_top_k(read: Callable[[np.ndarray], np.ndarray], query_rows: np.ndarr
         del queries
     best_i[torch.isinf(best_s)] = -1
     return best_s.cpu().numpy(), best_i.cpu().numpy()
-
-
-def near_duplicate_count(read: Callable[[np.ndarray], np.ndarray], query_rows: np.ndarray, reference_rows: np.ndarray,
-                         threshold: float, *, budget_bytes: int, device: str = "auto") -> int:
-    """How many ``query_rows`` have a row of ``reference_rows`` at cosine similarity ``threshold`` or above."""
-    sims, _ = blocked_top_k(read, query_rows, reference_rows, 1, budget_bytes=budget_bytes, device=device)
-    return int((sims[:, 0] >= threshold).sum()) if len(sims) else 0
