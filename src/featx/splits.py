@@ -13,7 +13,8 @@ import numpy as np
 
 from .errors import FeatxError
 
-__all__ = ["SPLIT_FOLDER_NAMES", "TRAIN_SPLIT_NAMES", "TEST_SPLIT_NAMES", "stratified_holdout", "pick_split", "choose_splits"]
+__all__ = ["SPLIT_FOLDER_NAMES", "TRAIN_SPLIT_NAMES", "TEST_SPLIT_NAMES", "stratified_holdout", "holdout_per_class", "pick_split",
+           "choose_splits"]
 
 TRAIN_SPLIT_NAMES = ("train", "training")
 # Preferred test splits, best first ("val" when there is no "test").
@@ -41,6 +42,18 @@ def stratified_holdout(y: np.ndarray, fraction: float, seed: int) -> tuple[np.nd
         raise FeatxError(f"cannot hold out {fraction:.0%} of {n} rows; use more images or another fraction")
     kept, held = train_test_split(np.arange(n), test_size=n_held, random_state=seed, stratify=stratify)
     return np.sort(kept), np.sort(held)
+
+
+def holdout_per_class(y: np.ndarray, n_held: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows), both sorted: ``n_held[c]`` seeded random rows of every class ``c`` held out.
+
+    For hold-outs whose size per class is set by a rule (a floor per class, a ceiling in all) rather than one fraction.
+    """
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(y == c))[: int(n_held.get(c, 0))] for c in np.unique(y)]
+    held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(y)), held), held
 
 
 def pick_split(names, preferred: tuple[str, ...]) -> str | None:

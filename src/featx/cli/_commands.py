@@ -212,7 +212,17 @@ def add_finetune(sub) -> None:
     add_option(p, c, "--bn", choices=["frozen", "train"],
                help="BatchNorm running statistics: frozen (pretrained) or train (re-estimated on each batch)")
     add_option(p, c, "--val-fraction", type=fraction,
-               help="part of the training images held out to choose the epoch (the test images never choose anything)")
+               help="part of each class's training images held out to choose (the test images never choose anything)")
+    add_option(p, c, "--val-min-per-class", type=positive_int, metavar="N",
+               help="validation floor per class (at most a third of the class's training images)")
+    add_option(p, c, "--val-max", type=positive_int, metavar="N", help="validation images in all at most")
+    add_option(p, c, "--interpolate", metavar="ALPHAS|none",
+               help="WiSE-FT: also score the weights these fractions of the way from the start to each epoch on validation")
+    add_option(p, c, "--patience", type=positive_int, metavar="N",
+               help="stop after N epochs without a better model on validation (default: train every epoch)")
+    add_option(p, c, "--significance", type=positive_number, metavar="P",
+               help="one-sided exact McNemar p on validation a fine-tuned model must get under to replace the frozen start "
+                    "(1: the best on validation replaces it whenever its validation loss is lower)")
     add_option(p, c, "--test-curve", action="store_true",
                help="also score the test images after every epoch, recorded as information only")
     add_option(p, c, "--train-split", metavar="S", help="training split (default: train, or the only split)")

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..configs import parse_freeze
 from ..errors import FeatxError
 
-__all__ = ["parse_freeze", "model_stages", "apply_freeze", "train_mode"]
+__all__ = ["parse_freeze", "model_stages", "apply_freeze", "train_mode", "classifier_keys"]
 
 
 def _classifier_names(model: torch.nn.Module) -> list[str]:
@@ -31,6 +31,13 @@ def _classifier_names(model: torch.nn.Module) -> list[str]:
         if module is classifier:
             return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
     return []
+
+
+def classifier_keys(model: torch.nn.Module) -> tuple[str, str]:
+    """The state-dict keys of the classifier's weight and bias."""
+    names = _classifier_names(model)
+    weight = next(n for n in names if n.endswith("weight"))
+    return weight, weight[: -len("weight")] + "bias"
 
 
 def model_stages(model: torch.nn.Module) -> tuple[list[list[str]], list[str]]:
