@@ -17,26 +17,31 @@ from featx.finetuning._decision import better, one_sided_mcnemar
 __all__ = ["POLICIES", "replay", "policy_table", "search_markdown"]
 
 ALPHA_SETS = {"none": (), "0.5": (0.5,), "0.25,0.5,0.75": (0.25, 0.5, 0.75)}
-POLICIES = [{"interpolate": a, "patience": p, "significance": s}
-            for a, p, s in itertools.product(ALPHA_SETS, (None, 1, 2), (0.05, 0.01, 1.0))]
+RULES = {"off": (1.0, False), "p < 0.05": (0.05, False), "p < 0.05, Bonferroni": (0.05, True)}  # (significance, corrected)
+POLICIES = [{"interpolate": a, "patience": p, "rule": r} for a, p, r in itertools.product(ALPHA_SETS, (None, 1, 2), RULES)]
+DEFAULT_POLICY = {"interpolate": "0.25,0.5,0.75", "patience": None, "rule": "p < 0.05, Bonferroni"}  # featx finetune's defaults
 
 
-def replay(run: dict, interpolate: str, patience: int | None, significance: float) -> tuple[float, bool, dict | None]:
-    """(search-test accuracy of the model kept, whether a fine-tuned one was kept, the best candidate) under a policy."""
+def replay(run: dict, interpolate: str, patience: int | None, rule: str) -> tuple[float, bool, dict | None, float | None]:
+    """(search-test accuracy of the model kept, whether a fine-tuned one was kept, the best candidate, its p as the rule
+    reads it) under a policy."""
     history, allowed = run["history"], ALPHA_SETS[interpolate]
-    best, since = None, 0
+    significance, corrected = RULES[rule]
+    best, since, n = None, 0, 0
     for entry in history[1:]:
         for c in entry["candidates"]:
-            if (c["alpha"] >= 1 or c["alpha"] in allowed) and better(c, best):
-                best, since = c, -1
+            if c["alpha"] >= 1 or c["alpha"] in allowed:
+                n += 1
+                if better(c, best):
+                    best, since = c, -1
         since += 1
         if patience and since >= patience:
             break
     if best is None:
-        return run["baseline"]["accuracy"], False, None
-    p = one_sided_mcnemar(best["only_start"], best["only_candidate"])
+        return run["baseline"]["accuracy"], False, None, None
+    p = one_sided_mcnemar(best["only_start"], best["only_candidate"]) * (n if corrected else 1)
     replace = (p < significance or significance >= 1) and best["val_loss"] < history[0]["val_loss"]
-    return (best["test_accuracy_info_only"] if replace else run["baseline"]["accuracy"]), replace, best
+    return (best["test_accuracy_info_only"] if replace else run["baseline"]["accuracy"]), replace, best, min(1.0, p)
 
 
 def policy_table(results: list[dict], policies: list[dict]) -> list[dict]:
@@ -50,7 +55,7 @@ def policy_table(results: list[dict], policies: list[dict]) -> list[dict]:
             gains, kept = {}, 0
             for res in results:
                 run = next((r for r in res["runs"] if r["variant"] == v), res["runs"][0])
-                acc, replaced, _ = replay(run, **policy)
+                acc, replaced, _, _ = replay(run, **policy)
                 gains[res["regime"]] = 100 * (acc - res["frozen"]["accuracy"])
                 kept += replaced
             row["by_variant"][v] = {"gains": gains, "mean": float(np.mean(list(gains.values()))), "worst": min(gains.values()),
@@ -60,17 +65,16 @@ def policy_table(results: list[dict], policies: list[dict]) -> list[dict]:
 
 
 def _runs_table(results: list[dict]) -> list[str]:
-    lines = ["| regime | variant | train / val | frozen | own probe | kept (validation p) | kept model | gain | best candidate on "
-             "search-test (information) | minutes |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| regime | variant | train / val | frozen | own probe | kept (validation p, corrected) | kept model | gain | best "
+             "candidate on search-test (information) | minutes |", "|---|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for res in results:
         for r in res["runs"]:
-            d = r["decision"]
-            kept = "probe" if r["kept"] == "start" else f"epoch {d['candidate']['epoch']}, alpha {d['candidate']['alpha']:g}"
-            p = "-" if d.get("p_value") is None else f"{d['p_value']:.2g}"
+            acc, replaced, best, p = replay(r, **DEFAULT_POLICY)
+            kept = f"epoch {best['epoch']}, alpha {best['alpha']:g}" if replaced else "probe"
             oracle = max((c["test_accuracy_info_only"] for e in r["history"][1:] for c in e["candidates"]), default=float("nan"))
             lines.append(f"| {res['regime']} | {r['variant']} | {r['n_train']} / {r['n_val']} | {res['frozen']['accuracy']:.3f} | "
-                         f"{r['baseline']['accuracy']:.3f} | {kept} (p = {p}) | {r['accuracy']:.3f} | {r['gain']:+.1f} | "
-                         f"{oracle:.3f} | {r['wall_seconds'] / 60:.1f} |")
+                         f"{r['baseline']['accuracy']:.3f} | {kept} (p = {'-' if p is None else f'{p:.2g}'}) | {acc:.3f} | "
+                         f"{100 * (acc - res['frozen']['accuracy']):+.1f} | {oracle:.3f} | {r['wall_seconds'] / 60:.1f} |")
     return lines
 
 
@@ -81,14 +85,15 @@ def search_markdown(results: list[dict], table: list[dict], command: str, second
              f"{args.load_after} after). EfficientNet-Lite0 (real ImageNet weights) at {args.img_size} px, run seed 1, on the "
              "search parts only (other images than the report parts). Every run scores every candidate on its search-test part as "
              "information (`--test-curve`), which is what the search chooses on; the report parts are never read here.", "",
-             "Runs (each under the policy it ran with: interpolations 0.25/0.5/0.75, no patience, significance 0.05):", ""]
+             "Runs, each read under featx finetune's default policy (interpolations 0.25/0.5/0.75, no patience, one-sided "
+             "McNemar p < 0.05 after a Bonferroni correction over the candidates, and a lower validation loss):", ""]
     lines += _runs_table(results)
     lines += ["", "Policies replayed from the same runs: gain over the frozen head in points, mean over the regimes / worst regime "
               "(regimes above 1,000 training images ran the defaults only, and count with them in every column):", "",
-              "| interpolate | patience | significance | " + " | ".join(f"{v}: mean / worst / kept" for v in variants) + " |",
-              "|---|---:|---:|" + "---:|" * len(variants)]
+              "| interpolate | patience | rule | " + " | ".join(f"{v}: mean / worst / fine-tuned kept" for v in variants) + " |",
+              "|---|---:|---|" + "---:|" * len(variants)]
     for row in table:
         cells = [f"{row['by_variant'][v]['mean']:+.2f} / {row['by_variant'][v]['worst']:+.2f} / {row['by_variant'][v]['finetuned_kept']}"
                  for v in variants]
-        lines.append(f"| {row['interpolate']} | {row['patience'] or '-'} | {row['significance']:g} | " + " | ".join(cells) + " |")
+        lines.append(f"| {row['interpolate']} | {row['patience'] or '-'} | {row['rule']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -129,6 +129,7 @@ def test_a_run_whose_validation_cannot_separate_the_models_keeps_the_probe_and_s
     assert json.loads((out / "metrics.json").read_text())["history"][0]["val_accuracy"] == 1.0
     assert m["kept"] == "start" and m["best_epoch"] == 0 and m["chosen_alpha"] is None
     assert m["decision"]["p_value"] == 1.0 and "within noise" in m["decision"]["reason"] and "kept the frozen probe" in stdout
+    assert m["decision"]["n_candidates"] == 4  # one epoch, its three interpolations toward the probe
     assert m["accuracy"] == m["baseline"]["accuracy"] and m["gain_points"] == 0.0 and m["gain_ci"] == [0.0, 0.0]
     kept = torch.load(out / "best.pt", weights_only=True)
     trained = torch.load(out / "finetuned.pt", weights_only=True)

@@ -55,6 +55,18 @@ def test_a_clear_gain_with_a_lower_loss_replaces_the_probe_and_a_higher_loss_doe
     assert d.kept == "start" and "is not lower" in d.reason
 
 
+def test_the_p_value_is_corrected_for_the_number_of_candidates_the_best_was_chosen_from():
+    """CIFAR-10 at 10 per class, 34 epochs x 4 candidates: the best was 10 images up on 30 validation images (p = 2^-10
+    uncorrected) and 9 points below the probe on test images. Bonferroni over 136 candidates: p = 0.13, the probe stays."""
+    start = _entry([True] * 10 + [False] * 20, 2.0, epoch=0, alpha=0.0)
+    candidate = _entry([True] * 20 + [False] * 10, 1.5, epoch=16, alpha=0.75)
+    d = decide(start, candidate, significance=0.05, n_candidates=136)
+    assert d.kept == "start" and d.p_value == pytest.approx(2.0 ** -10) and d.p_adjusted == pytest.approx(136 * 2.0 ** -10)
+    assert "0.00098, 0.13 for the best of 136 candidates >= 0.05), within noise" in d.reason
+    assert decide(start, candidate, significance=0.05, n_candidates=20).kept == "finetuned"  # p = 0.0195
+    assert decide(start, candidate, significance=0.05, n_candidates=10 ** 6).p_adjusted == 1.0
+
+
 def test_significance_one_turns_the_test_off_and_a_random_start_has_nothing_to_keep():
     start = _entry([True, False, True, True], 0.5, epoch=0, alpha=0.0)
     candidate = _entry([True, True, True, True], 0.4, epoch=1, alpha=1.0)

@@ -167,7 +167,7 @@ class FinetuneConfig:
     val_max: int = 2500  # validation ceiling: beyond it more images train, validation costs stay bounded
     interpolate: str = "0.25,0.5,0.75"  # WiSE-FT: fractions of the way from the start to each epoch scored on validation; none
     patience: int | None = None  # stop after this many epochs without a better model on validation (None: every epoch)
-    significance: float = 0.05  # one-sided p a fine-tuned model must reach against the start on validation to replace it
+    significance: float = 0.05  # one-sided McNemar p (Bonferroni over the candidates) a fine-tuned model must get under to replace the start
     test_curve: bool = False  # also score the test images after every epoch, as information only (never used to choose)
     train_split: str | None = None  # training split (default: train, or the only split)
     eval_split: str | None = None  # None: test/val/valid if present, else a held-out part of the training split

@@ -221,8 +221,8 @@ def add_finetune(sub) -> None:
     add_option(p, c, "--patience", type=positive_int, metavar="N",
                help="stop after N epochs without a better model on validation (default: train every epoch)")
     add_option(p, c, "--significance", type=positive_number, metavar="P",
-               help="one-sided exact McNemar p on validation a fine-tuned model must get under to replace the frozen start "
-                    "(1: the best on validation replaces it whenever its validation loss is lower)")
+               help="one-sided exact McNemar p on validation, times the number of candidates (Bonferroni), that a fine-tuned "
+                    "model must get under to replace the frozen start (1: the test is off, a lower validation loss is enough)")
     add_option(p, c, "--test-curve", action="store_true",
                help="also score the test images after every epoch, recorded as information only")
     add_option(p, c, "--train-split", metavar="S", help="training split (default: train, or the only split)")

@@ -241,8 +241,9 @@ def finish(run: Run) -> tuple[Decision, dict, dict]:
     are scored here only when the kept model is a fine-tuned one: the frozen baseline was scored at the start."""
     state, config, trainer = run.state, run.config, run.trainer
     has_start = state["baseline"] is not None
+    n_candidates = sum(len(h.get("candidates", ())) for h in state["history"][1:])
     decision = decide(state["start"] if has_start else None, state["best"], significance=config.significance,
-                      start_name=start_name(config))
+                      n_candidates=n_candidates, start_name=start_name(config))
     _logger.info("%s", decision.reason)
     if decision.kept == "finetuned":
         ckpt = load_checkpoint(run.out / FINETUNED)

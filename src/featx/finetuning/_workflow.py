@@ -26,7 +26,7 @@ from ._optim import build_optimizer
 from ._report import final_metrics, run_summary, write_test_predictions
 from ._rng import seed_everything, set_rng_state
 from ._run_dir import export_model, load_checkpoint, prepare_run_dir, run_identity
-from ._steps import FINETUNED, Run, finish, fit_schedule, new_state, out_of_time, save_last, set_classifier, start, train_and_checkpoint
+from ._steps import FINETUNED, Run, finish, fit_schedule, new_state, out_of_time, set_classifier, start, train_and_checkpoint
 
 __all__ = ["FinetuneResult", "finetune"]
 
