@@ -179,10 +179,12 @@ def cmd_predict(args) -> int:
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a timm backbone plus a new head end to end",
                        description="Fine-tune a timm backbone end to end on SOURCE's training split, starting from a linear probe fitted on "
-                                   "the frozen embeddings. The epoch is chosen on a validation part of the training images; the "
-                                   "test/val split is scored once, beside the frozen probe's score on the same images. RUN_DIR gets "
-                                   "best.pt and last.pt (usable as featx extract --weights), metrics.json in the fit-head schema and "
-                                   "a timm export. Interrupted runs continue with --resume.")
+                                   "the frozen embeddings. Every epoch and its interpolations toward the probe are scored on a "
+                                   "validation part of the training images; the best replaces the frozen probe only when it beats it "
+                                   "there by more than noise. The test/val split is scored once, for the model kept, beside the frozen "
+                                   "probe's score on the same images. RUN_DIR gets best.pt (the model kept) and last.pt (usable as "
+                                   "featx extract --weights), metrics.json in the fit-head schema, test_predictions.csv and a timm "
+                                   "export. Interrupted runs continue with --resume.")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     add_backbone_options(p, FinetuneConfig)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints, metrics and the export")
@@ -196,8 +198,8 @@ def add_finetune(sub) -> None:
                help="start from a random classifier instead of a linear probe (no frozen baseline is reported)")
     add_option(p, c, "--epochs", type=positive_int, metavar="N", help="training epochs")
     add_option(p, c, "--max-minutes", type=number, metavar="M",
-               help="wall-clock budget: the schedule is fitted to it after the first epoch, and the run stops at the end of the "
-                    "epoch that crosses it")
+               help="wall-clock budget of the whole run, the linear probe and the final scoring included: no epoch starts that "
+                    "would end past it, and the learning-rate schedule ends at the last epoch that fits")
     add_option(p, c, "--lr", type=number, help="peak AdamW learning rate (the backbone's last layer group)")
     add_option(p, c, "--head-lr-scale", type=number, metavar="X", help="the classifier trains at lr * X")
     add_option(p, c, "--weight-decay", type=number, help="AdamW weight decay (not on biases and norms)")
