@@ -192,7 +192,10 @@ def test_metrics_json_has_the_heads_schema(run):
     out, stdout = run
     printed = json.loads(stdout.strip().splitlines()[-1])
     assert set(HEADS_SCHEMA) <= set(printed)
-    assert printed["head"] == "finetune:none" and printed["model"] == "test_efficientnet"
+    # --freeze auto on 18 training images: the last 2 stages train; run.json keeps the option as given
+    assert printed["head"] == "finetune:stages:2" and printed["freeze"] == "stages:2" and printed["model"] == "test_efficientnet"
+    assert json.loads((out / "run.json").read_text())["config"]["freeze"] == "auto"
+    assert printed["trainable_params"] < printed["total_params"]
     # validation: 10% of 6 per class, raised to the floor, which is capped at a third of the class: 2 per class
     assert printed["n_train"] + printed["n_val"] == 18 and printed["n_val"] == 6 and printed["n_test"] == 9 and printed["epochs"] == 2
     assert 0 <= printed["accuracy"] <= 1 and printed["fit_seconds"] > 0 and printed["wall_seconds"] >= printed["fit_seconds"]

@@ -146,7 +146,7 @@ class FinetuneConfig:
     pretrained: bool = False  # timm hub weights (needs internet)
     weights: str | None = None  # local backbone checkpoint (.pth/.pt/.safetensors)
     img_size: int | None = None  # input resolution (default: the model's)
-    freeze: str = "none"  # all | stages:N | none
+    freeze: str = "auto"  # auto (stages:2 up to 1,000 training images, else none) | all | stages:N | none
     init_head: str | None = None  # HEAD_DIR of a linear head fitted by `featx fit-head` on this backbone's features
     probe: bool = True  # no --init-head: start the classifier from a linear probe fitted on the fly (else a random head)
     epochs: int = 5
@@ -240,12 +240,12 @@ def parse_alphas(spec: str) -> tuple[float, ...]:
 
 
 def parse_freeze(spec: str) -> tuple[str, int]:
-    """``'all' | 'none' | 'stages:N'`` -> (mode, N)."""
+    """``'all' | 'none' | 'auto' | 'stages:N'`` -> (mode, N)."""
     text = str(spec).strip().lower()
-    if text in ("all", "none"):
+    if text in ("all", "none", "auto"):
         return text, 0
     if text.startswith("stages:"):
         n = text.partition(":")[2]
         if n.isdigit():
             return "stages", int(n)
-    raise FeatxError(f"bad --freeze '{spec}'; use all (head only), stages:N (also the last N stages) or none (everything)")
+    raise FeatxError(f"bad --freeze '{spec}'; use all (head only), stages:N (also the last N stages), none (everything) or auto")

@@ -189,8 +189,9 @@ def add_finetune(sub) -> None:
     add_backbone_options(p, FinetuneConfig)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints, metrics and the export")
     c = FinetuneConfig
-    add_option(p, c, "--freeze", metavar="all|stages:N|none",
-               help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything")
+    add_option(p, c, "--freeze", metavar="auto|all|stages:N|none",
+               help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything; "
+                    "auto: stages:2 up to 1,000 training images, none above")
     add_option(p, c, "--init-head", metavar="HEAD_DIR",
                help="start the classifier from a linear head fitted by featx fit-head on this backbone's features "
                     "(default: a linear probe fitted on the fly)")

@@ -19,7 +19,7 @@ from ..provenance import provenance
 from ..sources import ImageSource, resolve_source
 from ..configs import FinetuneConfig
 from ._data import RunImages, choose_images, make_loader, training_transform
-from ._freezing import apply_freeze
+from ._freezing import apply_freeze, resolve_freeze
 from ._head_init import linear_head_from_dir
 from ._loop import Trainer
 from ._optim import build_optimizer
@@ -111,10 +111,12 @@ def _setup(source, config: FinetuneConfig, out: Path) -> tuple[Run, int]:
     images = choose_images(src, config)
     embedder = ImageEmbedder(config.model, pretrained=config.pretrained, weights=config.weights, img_size=config.img_size,
                              device=config.device, precision=config.precision, random_state=config.seed).fit()
+    given = config  # run.json keeps the options as given (--freeze auto); the run works with them made concrete
+    config = replace(config, freeze=resolve_freeze(config.freeze, len(images.train) + len(images.val), embedder.model_))
     model = _headed_model(embedder, src.class_names, config)
     eval_tf = embedder.transform_
     train_tf = training_transform(embedder.data_config_, eval_tf, config.augment)
-    resuming = prepare_run_dir(out, config, _run_info(config, src, embedder, train_tf, eval_tf, images))
+    resuming = prepare_run_dir(out, given, _run_info(given, src, embedder, train_tf, eval_tf, images))
     device = embedder.device_
     model = model.to(device)
     if config.channels_last:
