@@ -84,12 +84,14 @@ def search_markdown(results: list[dict], table: list[dict], command: str, second
              f"Command: `{command}` ({seconds / 60:.1f} min, {args.device_type}; 1-minute load average {args.load_before} before, "
              f"{args.load_after} after). EfficientNet-Lite0 (real ImageNet weights) at {args.img_size} px, run seed 1, on the "
              "search parts only (other images than the report parts). Every run scores every candidate on its search-test part as "
-             "information (`--test-curve`), which is what the search chooses on; the report parts are never read here.", "",
+             "information (`--test-curve`), which is what the search chooses on; the report parts are never read here. Regimes: "
+             + ", ".join(r["regime"] for r in results) + ".", "",
              "Runs, each read under featx finetune's default policy (interpolations 0.25/0.5/0.75, no patience, one-sided "
              "McNemar p < 0.05 after a Bonferroni correction over the candidates, and a lower validation loss):", ""]
     lines += _runs_table(results)
-    lines += ["", "Policies replayed from the same runs: gain over the frozen head in points, mean over the regimes / worst regime "
-              "(regimes above 1,000 training images ran the defaults only, and count with them in every column):", "",
+    lines += ["", "Policies replayed from the same runs: gain over the frozen head in points, mean over the regimes / worst regime / "
+              "regimes where a fine-tuned model was kept (a regime above 1,000 training images runs the first variant only, and "
+              "counts with it in every column):", "",
               "| interpolate | patience | rule | " + " | ".join(f"{v}: mean / worst / fine-tuned kept" for v in variants) + " |",
               "|---|---:|---|" + "---:|" * len(variants)]
     for row in table:

@@ -24,7 +24,6 @@ import json
 import logging
 import math
 import platform
-import re
 import sys
 import time
 from pathlib import Path
@@ -48,10 +47,14 @@ MODEL = "tf_efficientnet_lite0"
 WORK = CACHE / "finetune_suite"
 SEEDS = {"search": 1, "report": 2}
 SMALL = 1000  # regimes with at most this many training images get the search's extra variants
-# The recipe variants of the search (one change at a time from featx finetune's defaults). A fourth, "at least 100 steps"
-# ({"min_steps": 100}: the epochs of a small regime raised until the run makes 100 optimizer steps), ran on cifar10-10
-# only: 34 epochs, each scoring every candidate on the search-test part, cost 30 min of the shared CPU there.
-VARIANTS = [("defaults", {}), ("lr 1e-4", {"lr": 1e-4}), ("last 2 stages (--freeze stages:2)", {"freeze": "stages:2"})]
+# The recipe variants of the search, one change at a time from the whole-network recipe (featx finetune's defaults when the
+# search ran: --freeze auto came out of it): (label, FinetuneConfig overrides, run folder name). A fourth,
+# "at least 100 steps" ({"min_steps": 100}: the epochs of a small regime raised until the run makes 100 optimizer steps),
+# ran on cifar10-10 only: 34 epochs, each scoring every candidate on the search-test part, cost 30 min of the shared CPU.
+VARIANTS = [("whole network (--freeze none)", {"freeze": "none"}, "defaults"),
+            ("lr 1e-4", {"lr": 1e-4, "freeze": "none"}, "lr-1e-4"),
+            ("last 2 stages (--freeze stages:2)", {"freeze": "stages:2"}, "last-2-stages-freeze-stages-2-")]
+REPORT = [("featx finetune defaults", {}, "defaults")]
 
 
 def load_dataset(name: str, args) -> ImageSource:
@@ -102,7 +105,7 @@ def finetune_run(src: ImageSource, tag: str, label: str, overrides: dict, args, 
     same = next((r for r in done if r["identity"] == run_identity(config)), None)
     if same is not None:
         return {**same, "variant": label}
-    out = WORK / "runs" / f"{tag}-{re.sub('[^a-z0-9]+', '-', label.lower())[:40]}"
+    out = WORK / "runs" / tag
     if reuse and (out / "metrics.json").is_file() and json.loads((out / "run.json").read_text())["config"] == run_identity(config):
         m = json.loads((out / "metrics.json").read_text())
         logging.info("%s / %s: read back from %s", tag, label, out)
@@ -134,10 +137,10 @@ def run_regime(regime, args) -> dict:
     t0 = time.perf_counter()
     frozen = frozen_baseline(src, tag, args, SEEDS[which], fresh=which == "report")
     n_train = len(parts[f"{which}_train"])
-    variants = VARIANTS if which == "search" and n_train <= SMALL else VARIANTS[:1]
+    variants = (VARIANTS if n_train <= SMALL else VARIANTS[:1]) if which == "search" else REPORT
     runs = []
-    for label, overrides in variants:
-        run = finetune_run(src, tag, label, overrides, args, SEEDS[which], reuse=which == "search", done=runs)
+    for label, overrides, folder in variants:
+        run = finetune_run(src, f"{tag}-{folder}", label, overrides, args, SEEDS[which], reuse=which == "search", done=runs)
         runs.append(run)
     for r in runs:
         r.update(paired(frozen, r))

@@ -151,3 +151,14 @@ def test_interpolation_is_the_weighted_mean_and_leaves_the_model_as_it_was():
 ])
 def test_epochs_that_fit_count_the_final_scoring(budget, elapsed, epoch_s, final_s, done, fits):
     assert epochs_that_fit(budget, elapsed, epoch_s, final_s, done) == fits
+
+
+def test_freeze_auto_trains_the_last_two_stages_on_small_sets_only():
+    from featx.backbones import create_backbone
+    from featx.finetuning._freezing import SMALL_SET, resolve_freeze
+
+    model, _ = create_backbone("test_efficientnet", img_size=32)
+    assert resolve_freeze("auto", SMALL_SET, model) == "stages:2"
+    assert resolve_freeze("auto", SMALL_SET + 1, model) == "none"
+    assert resolve_freeze("stages:1", 10, model) == "stages:1" and resolve_freeze("none", 10, model) == "none"
+    assert resolve_freeze("auto", 10, torch.nn.Linear(3, 2)) == "none"  # no stage grouping: everything trains
