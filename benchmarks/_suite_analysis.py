@@ -89,6 +89,16 @@ def search_markdown(results: list[dict], table: list[dict], command: str, second
              "Runs, each read under featx finetune's default policy (interpolations 0.25/0.5/0.75, no patience, one-sided "
              "McNemar p < 0.05 after a Bonferroni correction over the candidates, and a lower validation loss):", ""]
     lines += _runs_table(results)
+    lines += ["", "The frozen probe's C, on the frozen head's own cached features: `fit-head --sweep` (a 20% hold-out of every "
+              "training image) against featx finetune's rule (5-fold cross-validation on the run's training part below 2,000 "
+              "images, then a refit with its validation part), both scored on the search-test part:", "",
+              "| regime | fit-head C | its accuracy | featx finetune's probe C | its accuracy | difference (points) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for res in results:
+        f, own = res["frozen"], res["frozen"].get("own_probe_rule")
+        if own:
+            lines.append(f"| {res['regime']} | {(f.get('C') or {}).get('C', '-')} | {f['accuracy']:.3f} | {own['C']:g} | "
+                         f"{own['accuracy']:.3f} | {100 * (own['accuracy'] - f['accuracy']):+.1f} |")
     lines += ["", "Policies replayed from the same runs: gain over the frozen head in points, mean over the regimes / worst regime / "
               "regimes where a fine-tuned model was kept (a regime above 1,000 training images runs the first variant only, and "
               "counts with it in every column):", "",

@@ -83,6 +83,23 @@ def frozen_baseline(src: ImageSource, tag: str, args, seed: int, fresh: bool) ->
             "correct_by_id": dict(zip(test.ids.tolist(), correct.tolist())), "seconds": time.perf_counter() - t0}
 
 
+def probe_on_frozen_features(src: ImageSource, tag: str, args, seed: int) -> dict:
+    """featx finetune's own probe rule (C by k-fold on the run's training part, refit with the validation part) on the frozen
+    head's cached features: how much of "own probe - frozen" is the choice of C alone."""
+    from featx.finetuning._data import choose_images
+    from featx.finetuning._probe import fit_probe
+
+    store = WORK / f"{tag}-{args.img_size}.h5"
+    images = choose_images(src, FinetuneConfig(model=MODEL, seed=seed))
+    train, test = load_features(store, MODEL, "train"), load_features(store, MODEL, "test")
+    row = {i: k for k, i in enumerate(train.ids.tolist())}
+    fit, val = ([row[src.ids[i]] for i in part] for part in (images.train, images.val))
+    probe = fit_probe(train.X[fit], train.y[fit], train.X[val], train.y[val], len(src.class_names), seed=seed, device="cpu")
+    weight, bias = probe.refit
+    pred = (torch.from_numpy(test.X).float() @ weight.T + bias).argmax(1).numpy()
+    return {"accuracy": float((pred == test.y).mean()), "C": probe.info["params"]["C"], "chosen_by": probe.info["chosen_by"]}
+
+
 def _steps_epochs(src: ImageSource, config: FinetuneConfig, min_steps: int) -> int:
     """Epochs that make at least ``min_steps`` optimizer steps on the run's own training images (never fewer than the default)."""
     from featx.finetuning._data import choose_images
@@ -136,6 +153,8 @@ def run_regime(regime, args) -> dict:
     tag = f"{regime.name}-{which}" + ("-scaled" if args.scaled_down else "")
     t0 = time.perf_counter()
     frozen = frozen_baseline(src, tag, args, SEEDS[which], fresh=which == "report")
+    if which == "search":
+        frozen["own_probe_rule"] = probe_on_frozen_features(src, tag, args, SEEDS[which])
     n_train = len(parts[f"{which}_train"])
     variants = (VARIANTS if n_train <= SMALL else VARIANTS[:1]) if which == "search" else REPORT
     runs = []
