@@ -112,6 +112,31 @@ def test_loss_falls(data, tmp_path):
     losses = [h["train_loss"] for h in result.history[1:]]  # epoch 0 is the start, scored but not trained
     assert losses[-1] < 0.6 * losses[0], losses
     assert result.metrics["accuracy"] > 0.5
+    # a random start is no model to keep: the best fine-tuned candidate is the run's model
+    assert result.metrics["kept"] == "finetuned" and result.metrics["baseline"] is None and "random" in result.metrics["decision"]["reason"]
+    kept, best = (torch.load(tmp_path / "run" / name, weights_only=True) for name in ("best.pt", "finetuned.pt"))
+    assert (kept["epoch"], kept["candidate"]["alpha"]) == (result.metrics["best_epoch"], result.metrics["chosen_alpha"])
+    assert all(torch.equal(kept["model"][k], best["model"][k]) for k in best["model"])
+
+
+def test_a_run_whose_validation_cannot_separate_the_models_keeps_the_probe_and_says_why(data, tmp_path, capsys):
+    """Every candidate scores what the probe scores on validation: one-sided McNemar p = 1, the refitted probe is kept."""
+    out = tmp_path / "run"
+    assert main(["finetune", str(data), "--model", "test_efficientnet", "--out", str(out), "--epochs", "1", "--freeze", "stages:1",
+                 "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"]) == 0
+    stdout = capsys.readouterr().out
+    m = json.loads(stdout.strip().splitlines()[-1])
+    assert json.loads((out / "metrics.json").read_text())["history"][0]["val_accuracy"] == 1.0
+    assert m["kept"] == "start" and m["best_epoch"] == 0 and m["chosen_alpha"] is None
+    assert m["decision"]["p_value"] == 1.0 and "within noise" in m["decision"]["reason"] and "kept the frozen probe" in stdout
+    assert m["decision"]["n_candidates"] == 4  # one epoch, its three interpolations toward the probe
+    assert m["accuracy"] == m["baseline"]["accuracy"] and m["gain_points"] == 0.0 and m["gain_ci"] == [0.0, 0.0]
+    kept = torch.load(out / "best.pt", weights_only=True)
+    trained = torch.load(out / "finetuned.pt", weights_only=True)
+    assert kept["kept"] == "start" and kept["epoch"] == 0
+    assert not torch.equal(kept["model"]["conv_head.weight"], trained["model"]["conv_head.weight"])  # trained: the last stage
+    assert torch.equal(kept["model"]["conv_stem.weight"], trained["model"]["conv_stem.weight"])  # frozen in both
+    assert (out / "export" / "model.safetensors").is_file()  # the export is the kept model (best.pt)
 
 
 def _interrupt_at_epoch(monkeypatch, epoch: int, after: bool = False):
@@ -167,14 +192,41 @@ def test_metrics_json_has_the_heads_schema(run):
     out, stdout = run
     printed = json.loads(stdout.strip().splitlines()[-1])
     assert set(HEADS_SCHEMA) <= set(printed)
-    assert printed["head"] == "finetune:none" and printed["model"] == "test_efficientnet"
-    assert printed["n_train"] + printed["n_val"] == 18 and printed["n_val"] == 3 and printed["n_test"] == 9 and printed["epochs"] == 2
+    # --freeze auto on 18 training images: the last 2 stages train; run.json keeps the option as given
+    assert printed["head"] == "finetune:stages:2" and printed["freeze"] == "stages:2" and printed["model"] == "test_efficientnet"
+    assert json.loads((out / "run.json").read_text())["config"]["freeze"] == "auto"
+    assert printed["trainable_params"] < printed["total_params"]
+    # validation: 10% of 6 per class, raised to the floor, which is capped at a third of the class: 2 per class
+    assert printed["n_train"] + printed["n_val"] == 18 and printed["n_val"] == 6 and printed["n_test"] == 9 and printed["epochs"] == 2
     assert 0 <= printed["accuracy"] <= 1 and printed["fit_seconds"] > 0 and printed["wall_seconds"] >= printed["fit_seconds"]
     saved = json.loads((out / "metrics.json").read_text())
     assert {k: saved[k] for k in HEADS_SCHEMA} == {k: printed[k] for k in HEADS_SCHEMA}
     assert [h["epoch"] for h in saved["history"]] == [0, 1, 2]
+    assert [c["alpha"] for c in saved["history"][1]["candidates"]] == [0.25, 0.5, 0.75, 1.0]
     assert printed["baseline"]["start"] == "probe" and printed["gain_points"] == pytest.approx(
         100 * (printed["accuracy"] - printed["baseline"]["accuracy"]))
+    for m in (printed, printed["baseline"]):  # every accuracy with its 95% interval
+        lo, hi = m["accuracy_ci"]
+        assert lo <= m["accuracy"] <= hi and m["balanced_accuracy_ci"][0] <= m["balanced_accuracy"] <= m["balanced_accuracy_ci"][1]
+    assert printed["gain_ci"][0] <= printed["gain_points"] <= printed["gain_ci"][1]
+    assert printed["decision"]["kept"] == printed["kept"] and printed["decision"]["reason"] in stdout
+    assert f"{printed['accuracy']:.3f} ({printed['accuracy_ci'][0]:.3f}–{printed['accuracy_ci'][1]:.3f})" in stdout
+
+
+def test_test_predictions_hold_every_test_image_with_both_models_predictions(run, data):
+    import csv
+
+    out, stdout = run
+    metrics = json.loads((out / "metrics.json").read_text())
+    with open(out / metrics["test_predictions"], newline="") as fh:
+        reader = csv.DictReader(fh)
+        rows = list(reader)
+    assert reader.fieldnames == ["id", "label", "prediction", "frozen_prediction"]
+    src = resolve_source(data)
+    test_ids = [src.ids[i] for i, s in enumerate(src.splits) if s == "test"]
+    assert [r["id"] for r in rows] == test_ids and {r["label"] for r in rows} == {"class0", "class1", "class2"}
+    assert np.mean([r["prediction"] == r["label"] for r in rows]) == pytest.approx(metrics["accuracy"])
+    assert np.mean([r["frozen_prediction"] == r["label"] for r in rows]) == pytest.approx(metrics["baseline"]["accuracy"])
 
 
 def _eval_batch(data, model_name: str):
@@ -314,10 +366,13 @@ def test_bad_input_exits_2_with_one_line(run, data, tmp_path, capsys):
     (tmp_path / "foreign").mkdir()
     (tmp_path / "foreign" / "notes.txt").write_text("keep me")
     cases.append(((data, "--model", "test_resnet", "--out", tmp_path / "foreign"), "not empty"))
+    one_each = make_image_folder(tmp_path / "one_each", n_classes=6, per_class=1)  # issue 17, bug 7: it ran and reported 0.0
+    cases.append(((one_each, "--model", "test_resnet", "--out", tmp_path / "r6"), "needs at least 4 images per class"))
     for args, message in cases:
         rc, err = _cli(capsys, *args)
         assert rc == 2, (args, err)
         assert message in err and len(err.splitlines()) == 1 and err.startswith("featx finetune: error:"), err
+        assert "--sweep" not in err
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2  # the refused run is untouched
 
@@ -389,18 +444,26 @@ def _csv_source(root, path, poison: bool = False):
     return path
 
 
-def test_the_epoch_is_chosen_without_reading_the_test_labels(data, tmp_path):
-    """Poisoned test labels change the test score and nothing else: the probe, the validation curve, the chosen epoch."""
-    config = FinetuneConfig(model="test_efficientnet", epochs=3, lr=3e-3, **FAST)
+@pytest.mark.parametrize("significance", [0.05, 1.0])  # 1: the test off, so a fine-tuned candidate can be kept
+def test_every_choice_is_made_without_reading_the_test_labels(data, tmp_path, significance):
+    """Poisoned test labels change the test score and nothing else: the probe and its C, every candidate's validation
+    score, the chosen epoch and interpolation, the probe-or-fine-tune decision, the kept weights."""
+    config = FinetuneConfig(model="test_efficientnet", epochs=3, lr=3e-3, significance=significance, **FAST)
     clean = finetune(_csv_source(data, tmp_path / "clean.csv"), config, tmp_path / "clean")
     poisoned = finetune(_csv_source(data, tmp_path / "poisoned.csv", poison=True), config, tmp_path / "poisoned")
-    curve = [(h["epoch"], h["val_accuracy"], h.get("train_loss")) for h in clean.history]
-    assert curve == [(h["epoch"], h["val_accuracy"], h.get("train_loss")) for h in poisoned.history]
-    assert clean.metrics["best_epoch"] == poisoned.metrics["best_epoch"]
+
+    def choices(h):
+        return (h["epoch"], h["val_accuracy"], h["val_loss"], h.get("train_loss"),
+                [(c["alpha"], c["val_accuracy"], c["val_loss"]) for c in h.get("candidates", [])])
+
+    assert [choices(h) for h in clean.history] == [choices(h) for h in poisoned.history]
+    for key in ("best_epoch", "chosen_alpha", "decision", "kept"):
+        assert clean.metrics[key] == poisoned.metrics[key], key
     assert clean.metrics["baseline"]["params"] == poisoned.metrics["baseline"]["params"]
     assert clean.metrics["accuracy"] != poisoned.metrics["accuracy"]  # the test labels were read, once, to score
-    a, b = (torch.load(d / "best.pt", weights_only=True)["model"] for d in (tmp_path / "clean", tmp_path / "poisoned"))
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    for name in ("best.pt", "finetuned.pt"):
+        a, b = (torch.load(d / name, weights_only=True)["model"] for d in (tmp_path / "clean", tmp_path / "poisoned"))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_test_curve_is_information_that_changes_nothing(data, tmp_path):
@@ -408,22 +471,44 @@ def test_test_curve_is_information_that_changes_nothing(data, tmp_path):
     plain = finetune(str(data), config, tmp_path / "plain")
     curve = finetune(str(data), FinetuneConfig(**{**config.__dict__, "test_curve": True}), tmp_path / "curve")
     assert [h.get("train_loss") for h in plain.history] == [h.get("train_loss") for h in curve.history]
-    assert all("test_accuracy_info_only" in h for h in curve.history[1:])
+    assert all("test_accuracy_info_only" in h and all("test_accuracy_info_only" in c for c in h["candidates"])
+               for h in curve.history[1:])
     assert not any("test_accuracy_info_only" in h for h in plain.history)
+    for key in ("best_epoch", "chosen_alpha", "decision", "accuracy"):
+        assert plain.metrics[key] == curve.metrics[key], key
 
 
-def test_max_minutes_stops_after_the_epoch_that_crosses_it_and_fits_the_schedule(data, tmp_path, capsys):
+def test_max_minutes_covers_the_probe_and_no_epoch_starts_past_it(data, tmp_path, capsys):
     args = ["finetune", str(data), "--model", "test_efficientnet", "--out", str(tmp_path / "run"), "--epochs", "5",
             "--max-minutes", "0.0001", "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"]
     assert main(args) == 0
     out = capsys.readouterr().out
     metrics = json.loads(out.strip().splitlines()[-1])
-    assert metrics["epochs_done"] == 1 and metrics["planned_epochs"] == 1 and metrics["stopped_by"] == "max-minutes"
-    assert "stopped by --max-minutes" in out
-    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
-    assert last["scheduler"]["lr_lambdas"][0]["total"] == 1 * 2  # 15 training images / batch 8: the cosine ends at epoch 1
+    # the probe alone used the budget: no epoch is trained, the frozen probe is the run's model
+    assert metrics["epochs_done"] == 0 and metrics["stopped_by"] == "max-minutes" and metrics["kept"] == "start"
+    assert "stopped by --max-minutes" in out and "no epoch was trained" in metrics["decision"]["reason"]
+    assert not (tmp_path / "run" / "finetuned.pt").exists()
     assert main(args + ["--resume"]) == 0  # a budget-stopped run is finished: --resume reports it again, trains nothing
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["epochs_done"] == 1
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again["epochs_done"] == 0 and again["accuracy"] == metrics["accuracy"]
+
+
+def test_max_minutes_fits_the_schedule_to_the_epochs_that_fit(data, tmp_path, monkeypatch, caplog):
+    """Epochs of 2,000 s (estimated before the first, "measured" after it) and a final scoring of 600 s in 100 minutes: 2 fit
+    from the start (5,400 s of room), 1 + 2 after the first epoch (which really took seconds); the cosine ends there."""
+    import logging
+
+    from featx.finetuning import _steps
+
+    monkeypatch.setattr(_steps, "_epoch_seconds", lambda run: 2000.0)
+    monkeypatch.setattr(_steps, "_final_seconds", lambda run: 600.0)
+    with caplog.at_level(logging.INFO, logger="featx.finetuning._steps"):
+        result = finetune(str(data), FinetuneConfig(model="test_efficientnet", epochs=5, max_minutes=100, **FAST), tmp_path / "run")
+    fitted = [r.getMessage() for r in caplog.records if "the learning-rate schedule ends there" in r.getMessage()]
+    assert len(fitted) == 2 and "(estimated), so 2 epochs" in fitted[0] and "(measured), so 3 epochs" in fitted[1]
+    assert result.metrics["planned_epochs"] == 3 and result.metrics["epochs_done"] == 3 and result.metrics["stopped_by"] == "max-minutes"
+    last = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert last["scheduler"]["lr_lambdas"][0]["total"] == 3 * 2  # 12 training images / batch 8: 2 steps per epoch
 
 
 @pytest.mark.parametrize("bn, frozen", [("frozen", True), ("train", False)])

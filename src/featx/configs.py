@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from .errors import FeatxError
 
 __all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "ExportConfig", "DemoConfig", "CompareConfig", "parse_freeze",
-           "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE"]
+           "parse_alphas", "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
 FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
@@ -170,11 +170,11 @@ class FinetuneConfig:
     pretrained: bool = False  # timm hub weights (needs internet)
     weights: str | None = None  # local backbone checkpoint (.pth/.pt/.safetensors)
     img_size: int | None = None  # input resolution (default: the model's)
-    freeze: str = "none"  # all | stages:N | none
+    freeze: str = "auto"  # auto (stages:2 up to 1,000 training images, else none) | all | stages:N | none
     init_head: str | None = None  # HEAD_DIR of a linear head fitted by `featx fit-head` on this backbone's features
     probe: bool = True  # no --init-head: start the classifier from a linear probe fitted on the fly (else a random head)
     epochs: int = 5
-    max_minutes: float | None = None  # stop at the end of the epoch that crosses this wall-clock budget (probe included)
+    max_minutes: float | None = None  # wall-clock budget of the whole run (probe and final scoring included): no epoch starts that would cross it
     batch_size: int = 32
     lr: float = 3e-4  # peak AdamW learning rate (with layer_decay: of the last layer group)
     head_lr_scale: float = 1.0  # the classifier's lr is lr * head_lr_scale
@@ -186,7 +186,12 @@ class FinetuneConfig:
     clip_grad: float | None = 1.0  # max gradient norm; 0 or None: no clipping
     augment: str = "crop"  # none | flip | crop (random resized crop >= 35% + flip) | timm (timm's ImageNet training transform)
     bn: str = "frozen"  # BatchNorm running statistics: frozen (kept from pretraining) | train (re-estimated on the batches)
-    val_fraction: float = 0.1  # part of the training split held out to choose the epoch (never the test split)
+    val_fraction: float = 0.1  # part of the training images held out to choose (never the test split); see val_min_per_class
+    val_min_per_class: int = 20  # validation floor per class (at most a third of each class's training images)
+    val_max: int = 2500  # validation ceiling: beyond it more images train, validation costs stay bounded
+    interpolate: str = "0.25,0.5,0.75"  # WiSE-FT: fractions of the way from the start to each epoch scored on validation; none
+    patience: int | None = None  # stop after this many epochs without a better model on validation (None: every epoch)
+    significance: float = 0.05  # one-sided McNemar p (Bonferroni over the candidates) a fine-tuned model must get under to replace the start
     test_curve: bool = False  # also score the test images after every epoch, as information only (never used to choose)
     train_split: str | None = None  # training split (default: train, or the only split)
     eval_split: str | None = None  # None: test/val/valid if present, else a held-out part of the training split
@@ -223,6 +228,13 @@ class FinetuneConfig:
             raise FeatxError(f"--bn must be frozen or train, got '{self.bn}'")
         if not 0 < self.val_fraction < 1:
             raise FeatxError(f"--val-fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.val_min_per_class < 1 or self.val_max < 2:
+            raise FeatxError("--val-min-per-class must be at least 1 and --val-max at least 2")
+        parse_alphas(self.interpolate)
+        if self.patience is not None and self.patience < 1:
+            raise FeatxError(f"--patience must be at least 1, got {self.patience}")
+        if not 0 < self.significance <= 1:
+            raise FeatxError(f"--significance must be in (0, 1], got {self.significance}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise FeatxError(f"--max-minutes must be positive, got {self.max_minutes}")
         if not self.head_lr_scale > 0:
@@ -263,13 +275,27 @@ class AuditConfig:
     progress: bool = True  # show progress bars
 
 
-def parse_freeze(spec: str) -> tuple[str, int]:
-    """``'all' | 'none' | 'stages:N'`` -> (mode, N)."""
+def parse_alphas(spec: str) -> tuple[float, ...]:
+    """``'0.25,0.5'`` -> (0.25, 0.5): WiSE-FT fractions in (0, 1), sorted; ``'none'`` or ``''`` -> ()."""
     text = str(spec).strip().lower()
-    if text in ("all", "none"):
+    if text in ("", "none"):
+        return ()
+    try:
+        alphas = sorted({float(v) for v in text.split(",")})
+    except ValueError:
+        alphas = []
+    if not alphas or not all(0 < a < 1 for a in alphas):
+        raise FeatxError(f"bad --interpolate '{spec}'; give fractions between 0 and 1 (e.g. 0.25,0.5,0.75) or none")
+    return tuple(alphas)
+
+
+def parse_freeze(spec: str) -> tuple[str, int]:
+    """``'all' | 'none' | 'auto' | 'stages:N'`` -> (mode, N)."""
+    text = str(spec).strip().lower()
+    if text in ("all", "none", "auto"):
         return text, 0
     if text.startswith("stages:"):
         n = text.partition(":")[2]
         if n.isdigit():
             return "stages", int(n)
-    raise FeatxError(f"bad --freeze '{spec}'; use all (head only), stages:N (also the last N stages) or none (everything)")
+    raise FeatxError(f"bad --freeze '{spec}'; use all (head only), stages:N (also the last N stages), none (everything) or auto")

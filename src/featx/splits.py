@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import FeatxError
 
-__all__ = ["SPLIT_FOLDER_NAMES", "TRAIN_SPLIT_NAMES", "TEST_SPLIT_NAMES", "stratified_holdout", "stratified_folds", "pick_split", "choose_splits"]
+__all__ = ["SPLIT_FOLDER_NAMES", "TRAIN_SPLIT_NAMES", "TEST_SPLIT_NAMES", "stratified_holdout", "stratified_folds", "holdout_per_class",
+           "pick_split", "choose_splits"]
 
 TRAIN_SPLIT_NAMES = ("train", "training")
 # Preferred test splits, best first ("val" when there is no "test").
@@ -54,6 +55,16 @@ def stratified_folds(y: np.ndarray, n_folds: int, seed: int) -> list[tuple[np.nd
         raise FeatxError(f"{n_folds} folds need at least {n_folds} rows of every class")
     folds = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
     return [(np.sort(tr), np.sort(te)) for tr, te in folds]
+def holdout_per_class(y: np.ndarray, n_held: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(kept rows, held-out rows), both sorted: ``n_held[c]`` seeded random rows of every class ``c`` held out.
+
+    For hold-outs whose size per class is set by a rule (a floor per class, a ceiling in all) rather than one fraction.
+    """
+    y = np.asarray(y)
+    rng = np.random.default_rng(seed)
+    held = [rng.permutation(np.flatnonzero(y == c))[: int(n_held.get(c, 0))] for c in np.unique(y)]
+    held = np.sort(np.concatenate(held)) if held else np.zeros(0, np.int64)
+    return np.setdiff1d(np.arange(len(y)), held), held
 
 
 def pick_split(names, preferred: tuple[str, ...]) -> str | None:

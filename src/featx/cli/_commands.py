@@ -227,16 +227,19 @@ def cmd_export(args) -> int:
 def add_finetune(sub) -> None:
     p = sub.add_parser("finetune", help="fine-tune a timm backbone plus a new head end to end",
                        description="Fine-tune a timm backbone end to end on SOURCE's training split, starting from a linear probe fitted on "
-                                   "the frozen embeddings. The epoch is chosen on a validation part of the training images; the "
-                                   "test/val split is scored once, beside the frozen probe's score on the same images. RUN_DIR gets "
-                                   "best.pt and last.pt (usable as featx extract --weights), metrics.json in the fit-head schema and "
-                                   "a timm export. Interrupted runs continue with --resume.")
+                                   "the frozen embeddings. Every epoch and its interpolations toward the probe are scored on a "
+                                   "validation part of the training images; the best replaces the frozen probe only when it beats it "
+                                   "there by more than noise. The test/val split is scored once, for the model kept, beside the frozen "
+                                   "probe's score on the same images. RUN_DIR gets best.pt (the model kept) and last.pt (usable as "
+                                   "featx extract --weights), metrics.json in the fit-head schema, test_predictions.csv and a timm "
+                                   "export. Interrupted runs continue with --resume.")
     p.add_argument("source", metavar="SOURCE", help=SOURCE_HELP)
     add_backbone_options(p, FinetuneConfig)
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for checkpoints, metrics and the export")
     c = FinetuneConfig
-    add_option(p, c, "--freeze", metavar="all|stages:N|none",
-               help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything")
+    add_option(p, c, "--freeze", metavar="auto|all|stages:N|none",
+               help="all: train the new head only; stages:N: also the last N stages (timm's coarse groups); none: everything; "
+                    "auto: stages:2 up to 1,000 training images, none above")
     add_option(p, c, "--init-head", metavar="HEAD_DIR",
                help="start the classifier from a linear head fitted by featx fit-head on this backbone's features "
                     "(default: a linear probe fitted on the fly)")
@@ -244,8 +247,8 @@ def add_finetune(sub) -> None:
                help="start from a random classifier instead of a linear probe (no frozen baseline is reported)")
     add_option(p, c, "--epochs", type=positive_int, metavar="N", help="training epochs")
     add_option(p, c, "--max-minutes", type=number, metavar="M",
-               help="wall-clock budget: the schedule is fitted to it after the first epoch, and the run stops at the end of the "
-                    "epoch that crosses it")
+               help="wall-clock budget of the whole run, the linear probe and the final scoring included: no epoch starts that "
+                    "would end past it, and the learning-rate schedule ends at the last epoch that fits")
     add_option(p, c, "--lr", type=number, help="peak AdamW learning rate (the backbone's last layer group)")
     add_option(p, c, "--head-lr-scale", type=number, metavar="X", help="the classifier trains at lr * X")
     add_option(p, c, "--weight-decay", type=number, help="AdamW weight decay (not on biases and norms)")
@@ -260,7 +263,17 @@ def add_finetune(sub) -> None:
     add_option(p, c, "--bn", choices=["frozen", "train"],
                help="BatchNorm running statistics: frozen (pretrained) or train (re-estimated on each batch)")
     add_option(p, c, "--val-fraction", type=fraction,
-               help="part of the training images held out to choose the epoch (the test images never choose anything)")
+               help="part of each class's training images held out to choose (the test images never choose anything)")
+    add_option(p, c, "--val-min-per-class", type=positive_int, metavar="N",
+               help="validation floor per class (at most a third of the class's training images)")
+    add_option(p, c, "--val-max", type=positive_int, metavar="N", help="validation images in all at most")
+    add_option(p, c, "--interpolate", metavar="ALPHAS|none",
+               help="WiSE-FT: also score the weights these fractions of the way from the start to each epoch on validation")
+    add_option(p, c, "--patience", type=positive_int, metavar="N",
+               help="stop after N epochs without a better model on validation (default: train every epoch)")
+    add_option(p, c, "--significance", type=positive_number, metavar="P",
+               help="one-sided exact McNemar p on validation, times the number of candidates (Bonferroni), that a fine-tuned "
+                    "model must get under to replace the frozen start (1: the test is off, a lower validation loss is enough)")
     add_option(p, c, "--test-curve", action="store_true",
                help="also score the test images after every epoch, recorded as information only")
     add_option(p, c, "--train-split", metavar="S", help="training split (default: train, or the only split)")

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 from ..errors import FeatxError
 from ..loading import ImageDataset
 from ..sources import ImageSource
-from ..splits import choose_splits, stratified_holdout
+from ..splits import choose_splits, holdout_per_class, stratified_holdout
 from ..configs import FinetuneConfig
 
-__all__ = ["RunImages", "choose_images", "LabelledBatches", "make_loader"]
+__all__ = ["RunImages", "choose_images", "validation_counts", "LabelledBatches", "make_loader", "MIN_TRAIN_PER_CLASS"]
 
 
 @dataclass
@@ -29,14 +29,19 @@ class RunImages:
     val_description: str
 
 
+# Every class needs this many training images: two to train the probe (and its C, by cross-validation) and one to
+# validate; without a test split, one more is held out to test.
+MIN_TRAIN_PER_CLASS = 3
+
+
 def choose_images(src: ImageSource, config: FinetuneConfig) -> RunImages:
     """Training, validation and test image indices.
 
     The splits follow the rule ``featx fit-head`` follows (:func:`featx.splits.choose_splits`); without a test
     split the test images are a held-out part of the training split drawn by the same function from the same
-    labels, so a fine-tune and a head fitted on the same source are scored on the same images. The validation
-    images, which choose the epoch, are a seeded stratified part of what remains for training: the test images
-    are never used to choose anything.
+    labels, so a fine-tune and a head fitted on the same source are scored on the same test images. The validation
+    images, which choose everything a run chooses, are a seeded part of what remains for training, sized per class by
+    :func:`validation_counts`: the test images are never used to choose anything.
     """
     splits = np.asarray(src.splits)
     labeled = src.labels >= 0
@@ -47,21 +52,52 @@ def choose_images(src: ImageSource, config: FinetuneConfig) -> RunImages:
     train = np.flatnonzero((splits == train_name) & labeled)
     if len(train) == 0:
         raise FeatxError(f"the '{train_name}' split of '{src.name}' has no labeled images; fine-tuning needs labels")
+    _check_images_per_class(src, train, train_name, holdout=eval_name is None)
     if eval_name is not None:
         test, split, description = np.flatnonzero((splits == eval_name) & labeled), eval_name, eval_name
     else:
         tr, te = stratified_holdout(src.labels[train], config.holdout, config.seed)
         train, test, split = train[tr], train[te], "holdout"
         description = f"held-out {config.holdout:.0%} of '{train_name}', seed {config.seed}"
-    if len(np.unique(src.labels[train])) < 2:
-        raise FeatxError(f"the training images of '{src.name}' ({len(train)}) are of fewer than 2 classes; fine-tuning needs at least 2")
     if len(test) == 0:
         raise FeatxError(f"the '{eval_name}' split of '{src.name}' has no labeled images to evaluate on; pass --eval-split")
-    if len(train) < 4:
-        raise FeatxError(f"{len(train)} training images are too few to hold out validation images; use more images")
-    tr, va = stratified_holdout(src.labels[train], config.val_fraction, config.seed + 1)
-    val_description = f"held-out {config.val_fraction:.0%} of the training images, seed {config.seed + 1}"
+    counts = validation_counts(src.labels[train], config)
+    tr, va = holdout_per_class(src.labels[train], counts, config.seed + 1)
+    val_description = (f"{len(va)} of the {len(train)} training images, seed {config.seed + 1}: {config.val_fraction:.0%} of each "
+                       f"class, at least {config.val_min_per_class} (at most a third of the class), {config.val_max} in all at most")
     return RunImages(train[tr], train[va], test, split, description, val_description)
+
+
+def _check_images_per_class(src: ImageSource, train: np.ndarray, train_name: str, *, holdout: bool) -> None:
+    """Refuse a training split in which some class has too few images to train, validate (and, with no test split, test)."""
+    need = MIN_TRAIN_PER_CLASS + int(holdout)
+    present = np.unique(src.labels[src.labels >= 0])
+    if len(present) < 2:
+        raise FeatxError(f"the images of '{src.name}' are of fewer than 2 classes; fine-tuning needs at least 2")
+    counts = np.bincount(src.labels[train], minlength=int(present.max()) + 1)
+    short = [(src.class_names[c], int(counts[c])) for c in present if counts[c] < need]
+    if short:
+        name, have = min(short, key=lambda t: t[1])
+        parts = "2 to train, 1 to validate" + (", 1 held out to test (or give a test split)" if holdout else "")
+        raise FeatxError(f"class '{name}' has {have} image{'s' if have != 1 else ''} in the '{train_name}' split"
+                         + (f" ({len(short)} classes have fewer than {need})" if len(short) > 1 else "")
+                         + f"; fine-tuning needs at least {need} images per class ({parts}); add images to those classes")
+
+
+def validation_counts(y: np.ndarray, config: FinetuneConfig) -> dict[int, int]:
+    """Validation images per class: ``val_fraction`` of the class, raised to ``val_min_per_class`` (but to no more than a
+    third of the class), at least 1 and leaving 2 to train; scaled down to ``val_max`` in all.
+
+    A floor, because the choices made on validation (epoch, interpolation, probe or fine-tune) are only as sure as its
+    size: 10% of 245 images is 25, where one image is 4 points. A ceiling, because on large sets more validation
+    images buy little certainty and cost an evaluation pass per candidate.
+    """
+    classes, n = np.unique(y, return_counts=True)
+    want = np.maximum(np.ceil(config.val_fraction * n), np.minimum(config.val_min_per_class, n // 3))
+    want = np.clip(want, 1, n - 2).astype(np.int64)
+    if want.sum() > config.val_max:
+        want = np.maximum(1, np.floor(want * config.val_max / want.sum())).astype(np.int64)
+    return {int(c): int(k) for c, k in zip(classes, want)}
 
 
 class LabelledBatches:

@@ -9,7 +9,8 @@ frozen features are taken after them. The head is the classifier plus anything t
 after the last block (ViT ``fc_norm``, ConvNeXt ``head.norm``); it is always trained.
 ``stages:N`` trains the last N groups; frozen modules also stay in eval mode (BatchNorm
 statistics and drop-path untouched), so ``freeze='all'`` is exactly a linear probe with
-augmentation.
+augmentation. ``auto`` (the default) trains the last :data:`AUTO_STAGES` stages on sets of at most
+:data:`SMALL_SET` training images and everything on larger ones (:func:`resolve_freeze`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,13 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from ..configs import parse_freeze
 from ..errors import FeatxError
 
-__all__ = ["parse_freeze", "model_stages", "apply_freeze", "train_mode"]
+__all__ = ["parse_freeze", "resolve_freeze", "model_stages", "apply_freeze", "train_mode", "classifier_keys", "AUTO_STAGES",
+           "SMALL_SET"]
+
+# The recipe search (benchmarks/RESULTS.md, finetune_search): on its regimes of at most 1,000 training images, training the
+# last two stages kept the probe's result everywhere the whole network did and beat it once, at less cost per epoch.
+AUTO_STAGES = 2
+SMALL_SET = 1000
 
 
 def _classifier_names(model: torch.nn.Module) -> list[str]:
@@ -31,6 +38,13 @@ def _classifier_names(model: torch.nn.Module) -> list[str]:
         if module is classifier:
             return [f"{prefix}.{n}" if prefix else n for n, _ in module.named_parameters()]
     return []
+
+
+def classifier_keys(model: torch.nn.Module) -> tuple[str, str]:
+    """The state-dict keys of the classifier's weight and bias."""
+    names = _classifier_names(model)
+    weight = next(n for n in names if n.endswith("weight"))
+    return weight, weight[: -len("weight")] + "bias"
 
 
 def model_stages(model: torch.nn.Module) -> tuple[list[list[str]], list[str]]:
@@ -52,6 +66,16 @@ def model_stages(model: torch.nn.Module) -> tuple[list[list[str]], list[str]]:
     stages = [g for g in ([n for n in grp if n not in head] for grp in ordered) if g]
     assert sum(map(len, stages)) + len(head) == len(names), "every parameter belongs to one stage or the head"
     return stages, [n for n in names if n in head]
+
+
+def resolve_freeze(spec: str, n_images: int, model: torch.nn.Module) -> str:
+    """``spec``, with ``auto`` made concrete: ``stages:2`` for at most :data:`SMALL_SET` training images (``none`` when the model
+    has no stage grouping or too few stages), ``none`` above."""
+    if parse_freeze(spec)[0] != "auto":
+        return spec
+    if n_images > SMALL_SET or not hasattr(model, "group_matcher") or len(model_stages(model)[0]) <= AUTO_STAGES:
+        return "none"
+    return f"stages:{AUTO_STAGES}"
 
 
 def apply_freeze(model: torch.nn.Module, spec: str) -> list[str]:
@@ -78,7 +102,7 @@ def train_mode(model: torch.nn.Module, *, frozen_bn_stats: bool = False) -> None
     ``frozen_bn_stats``, every BatchNorm layer: normalised by its pretrained running statistics, its scale and shift still trained.
 
     Small batches of a domain far from ImageNet move re-estimated statistics, and with them every feature a linear probe
-    was fitted on (benchmarks/RESULTS.md, finetune_recipe: CIFAR-10 subset at 96 px, Lite0, probe start 70.2%; 76.4% after
+    was fitted on (featx 0.1's recipe search, commit c9632e3: CIFAR-10 subset at 96 px, Lite0, probe start 70.2%; 76.4% after
     two epochs with statistics frozen, while with them re-estimated no epoch beat the probe on validation).
     """
     model.train()

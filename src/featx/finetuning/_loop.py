@@ -16,7 +16,7 @@ from ..metrics import classification_metrics
 from ..configs import FinetuneConfig
 from ._freezing import train_mode
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "scored"]
 
 _SYNC_EVERY = 20  # training steps between reads of the running loss (each read waits for the device)
 
@@ -86,34 +86,43 @@ class Trainer:
                 "images_per_s": seen / max(1e-9, seconds)}
 
     def _scored(self, loader, skipped: dict, forward, none_readable: str):
-        """(outputs of ``forward`` as float32 on the CPU, labels) of every readable batch of ``loader``, model in eval mode;
-        unreadable images are added to ``skipped``."""
+        """(image indices, labels, outputs of ``forward`` as float32 on the CPU) of every readable image of ``loader``,
+        model in eval mode; unreadable images are added to ``skipped``."""
         self.model.eval()
-        outputs, labels = [], []
-        for x, y, _, bad in loader:
+        outputs, labels, index = [], [], []
+        for x, y, idx, bad in loader:
             skipped.update({str(i): r for i, r in bad})
             if x is None:
                 continue
             with autocast_context(self.device, self.precision):
                 outputs.append(forward(self._to_device(x)).float().cpu())
             labels.append(y)
+            index += idx
         if not labels:
             raise FeatxError(none_readable)
-        return outputs, labels
+        return np.asarray(index, dtype=np.int64), torch.cat(labels).numpy(), torch.cat(outputs)
 
     @torch.inference_mode()
-    def embed(self, loader, skipped: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(pre-logit features [n, D], labels [n]) of the model in eval mode on ``loader``: the frozen backbone's embeddings."""
-        feats, labels = self._scored(loader, skipped, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True),
-                                     "every training image was unreadable")
-        return torch.cat(feats).numpy(), torch.cat(labels).numpy()
+    def embed(self, loader, skipped: dict) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(pre-logit features [n, D], labels [n], image indices [n]) of the model in eval mode: the frozen backbone's embeddings."""
+        index, y, feats = self._scored(loader, skipped, lambda x: self.model.forward_head(self.model.forward_features(x), pre_logits=True),
+                                       "every image to embed was unreadable; check the training split")
+        return feats.numpy(), y, index
 
     @torch.inference_mode()
-    def evaluate(self, loader, n_classes: int, skipped: dict) -> dict:
-        """Metrics (fit-head schema), mean loss and image count of the model on ``loader``."""
-        logits, labels = self._scored(loader, skipped, self.model,
-                                      "every evaluation image was unreadable; check the evaluation split")
-        loss_sum = sum(float(self.criterion(z, y)) * len(y) for z, y in zip(logits, labels))
-        y_true, proba = torch.cat(labels).numpy(), torch.cat(logits).softmax(1).numpy()
-        metrics = classification_metrics(y_true, proba.argmax(1), proba, n_classes=n_classes)
-        return {**metrics, "loss": loss_sum / len(y_true), "n": int(len(y_true))}
+    def evaluate(self, loader, n_classes: int, skipped: dict) -> tuple[dict, dict]:
+        """(metrics of the fit-head schema with the mean log-loss and the image count, per-image ``index``/``y``/``pred``) of the
+        model on ``loader``."""
+        index, y, logits = self._scored(loader, skipped, self.model, "every evaluation image was unreadable; check the evaluation split")
+        return scored(logits, y, index, n_classes)
+
+
+def scored(logits: torch.Tensor, y: np.ndarray, index: np.ndarray, n_classes: int) -> tuple[dict, dict]:
+    """(metrics, per-image predictions) of ``logits`` [n, K] against labels ``y``: the fit-head metrics, the mean log-loss
+    (cross-entropy without label smoothing) and the count; predictions as ``index``, ``y``, ``pred`` arrays."""
+    logits = logits.float()
+    loss = float(torch.nn.functional.cross_entropy(logits, torch.as_tensor(y, dtype=torch.long)))
+    proba = logits.softmax(1).numpy()
+    pred = proba.argmax(1)
+    metrics = classification_metrics(y, pred, proba, n_classes=n_classes)
+    return {**metrics, "loss": loss, "n": int(len(y))}, {"index": index, "y": np.asarray(y), "pred": pred}

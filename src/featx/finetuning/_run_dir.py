@@ -5,8 +5,12 @@
 * ``last.pt``       model, optimizer, scheduler, grad scaler, epoch, RNG states after the last
                     finished epoch: ``resume`` continues from it and ends where an
                     uninterrupted run would (same batches, same augmentations, same updates);
-* ``best.pt``       the model of the epoch chosen on validation (epoch 0: the linear probe);
-* ``metrics.json``  final metrics (``featx fit-head --json`` schema) and per-epoch history;
+* ``best.pt``       the model the run keeps: the frozen linear probe (refitted on every training
+                    image) until the end, then the fine-tuned model if validation chose it;
+* ``finetuned.pt``  the best fine-tuned candidate on validation (an epoch, or its interpolation
+                    toward the start), with its record, whether or not it was kept;
+* ``metrics.json``  final metrics (``featx fit-head --json`` schema), the decision, per-epoch history;
+* ``test_predictions.csv``  id, label, the kept model's and the frozen baseline's prediction per test image;
 * ``export/``       ``config.json`` + ``model.safetensors`` (timm's own format): load with
                     ``timm.create_model('local-dir:RUN_DIR/export', pretrained=True)``.
 
@@ -35,7 +39,7 @@ from ..configs import FinetuneConfig
 __all__ = ["RUN_FILE", "run_identity", "prepare_run_dir", "save_checkpoint", "load_checkpoint", "export_model"]
 
 _logger = logging.getLogger(__name__)
-_RUN_FILES = (RUN_FILE, "last.pt", "best.pt", "metrics.json")
+_RUN_FILES = (RUN_FILE, "last.pt", "best.pt", "finetuned.pt", "metrics.json", "test_predictions.csv")
 # Settings that may differ between an interrupted run and its resumption without changing results.
 _NOT_IDENTITY = ("device", "workers", "progress", "resume", "overwrite", "max_minutes", "test_curve", "export")
 

@@ -1,0 +1,117 @@
+"""The fine-tuning robustness suite: regimes, and the split builder that keeps what is reported away from what chose.
+
+Every regime has four disjoint parts of one data set, drawn per class from one seeded permutation:
+
+* ``report_train`` and ``report_test``: the reported runs train on the first (which the run splits into its own
+  training and validation images) and are scored once on the second; nothing is chosen on ``report_test``;
+* ``search_train`` and ``search_test``: other images, for the recipe search, which may look at its test part.
+
+Data sets with an official train/test split draw the training parts from its train split and the test parts from
+its test split; digits (one split) draws all four from its images. CIFAR-10's report-test part also leaves out the
+1,000 test images the earlier recipe search (``--experiments`` of featx 0.1) chose the lr and augmentation on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from featx.sources import ImageSource
+
+__all__ = ["Regime", "REGIMES", "PARTS", "build_parts", "regime_source", "scaled_down", "old_search_test_images"]
+
+PARTS = ("report_train", "report_test", "search_train", "search_test")
+BUILD_SEED = 2024  # the permutation every part is cut from (the runs' own seeds are separate: see SEEDS in the script)
+
+
+@dataclass(frozen=True)
+class Regime:
+    """One data regime of the suite: which images, how many per class in each part."""
+
+    name: str
+    dataset: str  # cifar10 | fashion-mnist | digits
+    train_per_class: int  # report_train and search_train, each
+    test_per_class: int  # report_test
+    search_test_per_class: int
+    classes: tuple[str, ...] | None = None  # a subset of the data set's classes (None: all)
+
+
+REGIMES = [
+    Regime("cifar10-10", "cifar10", 10, 100, 50),
+    Regime("cifar10-25", "cifar10", 25, 100, 50),
+    Regime("cifar10-100", "cifar10", 100, 100, 50),
+    Regime("cifar10-500", "cifar10", 500, 100, 50),
+    Regime("cat-dog-120", "cifar10", 120, 200, 100, ("cat", "dog")),
+    Regime("airplane-ship-120", "cifar10", 120, 200, 100, ("airplane", "ship")),
+    Regime("automobile-truck-120", "cifar10", 120, 200, 100, ("automobile", "truck")),
+    Regime("fashion-mnist-25", "fashion-mnist", 25, 100, 50),
+    Regime("fashion-mnist-500", "fashion-mnist", 500, 100, 50),
+    Regime("digits", "digits", 45, 50, 30),
+]
+
+
+def scaled_down(regime: Regime) -> Regime:
+    """The same regime with a few images per class (the slow test's and a smoke run's)."""
+    return Regime(regime.name, regime.dataset, min(regime.train_per_class, 6), min(regime.test_per_class, 5),
+                  min(regime.search_test_per_class, 3), regime.classes)
+
+
+def old_search_test_images(src: ImageSource, per_class: int = 100, seed: int = 0) -> np.ndarray:
+    """Indices of the test images featx 0.1's recipe search scored its variants on: ``subset()`` of that script (a seeded
+    permutation per split and class, train split first, the first ``per_class`` test images of each class)."""
+    rng = np.random.default_rng(seed)
+    splits = np.asarray(src.splits)
+    picked = []
+    for split in ("train", "test"):
+        for c in range(len(src.class_names)):
+            members = rng.permutation(np.flatnonzero((splits == split) & (src.labels == c)))
+            if split == "test":
+                picked += members[:per_class].tolist()
+    return np.asarray(sorted(picked), dtype=np.int64)
+
+
+def build_parts(labels: np.ndarray, splits: list[str] | np.ndarray, class_names: list[str], regime: Regime,
+                exclude_from_report: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """{part: sorted indices into the source} for every part of :data:`PARTS`; the parts are disjoint.
+
+    ``exclude_from_report``: images that may go to the search parts but never to ``report_test``.
+    """
+    labels, splits = np.asarray(labels), np.asarray(splits)
+    rng = np.random.default_rng(BUILD_SEED)
+    excluded = np.zeros(0, np.int64) if exclude_from_report is None else np.asarray(exclude_from_report, dtype=np.int64)
+    classes = [class_names.index(c) for c in regime.classes] if regime.classes else range(len(class_names))
+    two_splits = {"train", "test"} <= set(splits.tolist())
+    parts = {p: [] for p in PARTS}
+    n_train, n_test, n_search = regime.train_per_class, regime.test_per_class, regime.search_test_per_class
+    for c in classes:
+        if two_splits:
+            train_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "train")))
+            test_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "test")))
+        else:
+            pool = rng.permutation(np.flatnonzero(labels == c))
+            test_pool, train_pool = pool[: n_test + n_search], pool[n_test + n_search:]
+        report_test = test_pool[~np.isin(test_pool, excluded)][:n_test]
+        search_test = test_pool[~np.isin(test_pool, report_test)][:n_search]
+        if len(report_test) < n_test or len(search_test) < n_search or len(train_pool) < 2 * n_train:
+            raise ValueError(f"{regime.name}: class {class_names[c]} has too few images for its parts")
+        parts["report_test"] += report_test.tolist()
+        parts["search_test"] += search_test.tolist()
+        parts["report_train"] += train_pool[:n_train].tolist()
+        parts["search_train"] += train_pool[n_train: 2 * n_train].tolist()
+    return {p: np.asarray(sorted(v), dtype=np.int64) for p, v in parts.items()}
+
+
+def regime_source(src: ImageSource, parts: dict[str, np.ndarray], which: str, regime: Regime) -> ImageSource:
+    """The images a run of ``which`` ('report' or 'search') sees: its training part as split 'train', its test part as
+    'test', classes renumbered to the regime's (a two-class regime has two classes)."""
+    train, test = parts[f"{which}_train"], parts[f"{which}_test"]
+    idx = np.concatenate([train, test])
+    sub = src.subset(idx)
+    sub.splits = ["train"] * len(train) + ["test"] * len(test)
+    if regime.classes:
+        old = [src.class_names.index(c) for c in regime.classes]
+        sub.labels = np.asarray([old.index(int(y)) for y in sub.labels], dtype=np.int64)
+        sub.class_names = list(regime.classes)
+    sub.name = f"{regime.name}-{which}"
+    return sub
