@@ -224,6 +224,10 @@ class FeatureStore:
         """Labels of the sorted ``rows`` (features are not read)."""
         return _take(self.file[self.resolve_key(key)]["labels"], np.asarray(rows))
 
+    def ids_of(self, key: str, rows: np.ndarray) -> list[str]:
+        """Image ids of the sorted ``rows`` (features are not read)."""
+        return [s.decode() if isinstance(s, bytes) else s for s in _take(self.file[self.resolve_key(key)]["ids"], np.asarray(rows))]
+
     def features_of(self, key: str, rows: np.ndarray) -> np.ndarray:
         """Features [len(rows), D] (float32) of the sorted ``rows``; only those rows are read."""
         return _take(self.file[self.resolve_key(key)]["features"], np.asarray(rows)).astype(np.float32, copy=False)
