@@ -2,8 +2,9 @@
 
 In one run, on the same CIFAR-10 JPEGs and the same real Lite0 weights:
 
-(d) ``featx extract`` under ``torchrun --nproc_per_node 1`` and ``2`` (each process gets cores / N
-    threads), wall time of the whole command and images/s of the extraction;
+(d) ``featx extract`` in one process with every thread count (1, 2, 4 ... cores) and under ``torchrun`` with 2
+    processes (and one per core) of cores / N threads each, wall time of the whole command and images/s of the
+    extraction; torchrun's speed-up is against the fastest one-process configuration of the same run;
 (e) two backbones (Lite0 + MobileNetV3-Small, random init: the forward cost is what matters) as
     ``--model A --model B`` in one decode pass, against two separate ``featx extract`` runs;
 (f) synthetic stores of growing size (1280-d float32 rows): seconds to commit a new 1,000-row group
@@ -78,7 +79,11 @@ def torchrun_rows(source: Path, work: Path, batch: int, cores: int, repeats: int
     best: dict[tuple, tuple] = {}
     _cli([sys.executable, *_extract(source, work / "warm.h5", [MODEL], [lite0_weights()], batch)], cores)  # warm-up
     gpus = torch.cuda.device_count()
-    variants = [(1, cores), (gpus, max(1, cores // gpus))] if gpus > 1 else [(1, cores)] if gpus == 1 else [(1, cores), (1, 1), (2, 1)]
+    if gpus:
+        variants = [(1, cores), (gpus, max(1, cores // gpus))] if gpus > 1 else [(1, cores)]
+    else:  # one process at every thread count (the fastest is the baseline), then several processes sharing the cores
+        threads = sorted({min(2**i, cores) for i in range(cores.bit_length() + 1)})
+        variants = [(1, t) for t in threads] + sorted({(2, max(1, cores // 2)), (cores, 1)} - {(1, cores)})
     for r in range(repeats):
         for nproc, threads in variants:
             out = work / f"torchrun{nproc}x{threads}-{r}.h5"
@@ -89,6 +94,18 @@ def torchrun_rows(source: Path, work: Path, batch: int, cores: int, repeats: int
             if (nproc, threads) not in best or row[5] < best[nproc, threads][5]:
                 best[nproc, threads] = row
     return [best[v] for v in variants]
+
+
+def _speedup(rows: list[tuple]) -> str:
+    """The fastest torchrun row against the fastest one-process row of the same run (both named)."""
+    one = [r for r in rows if r[0] == 1]
+    many = [r for r in rows if r[0] > 1]
+    if not many:
+        return "One GPU: no second process to compare."
+    a, b = max(one, key=lambda r: r[4]), max(many, key=lambda r: r[4])
+    return (f"{b[0]} processes x {b[1]} thread{'s' if b[1] > 1 else ''} against the fastest one-process configuration "
+            f"(1 process x {a[1]} thread{'s' if a[1] > 1 else ''}, {a[4]:.1f} images/s): {b[4] / a[4]:.2f}x images/s, "
+            f"{a[5] / b[5]:.2f}x wall.")
 
 
 def backbone_rows(source: Path, work: Path, batch: int, cores: int, repeats: int) -> dict:
@@ -192,8 +209,7 @@ def run_scaling(args) -> None:
         "|---:|---:|---:|---:|---:|---:|",
         *[f"| {p} | {t} | {k} | {s:.1f} | {ips:.1f} | {w:.1f} |" for p, t, k, s, ips, w in tr],
         "",
-        f"{tr[-1][0]} processes / 1 process of {tr[0][1]} threads: {tr[-1][4] / tr[0][4]:.2f}x images/s, {tr[0][5] / tr[-1][5]:.2f}x wall."
-        if len(tr) > 1 else "One GPU: no second process to compare.",
+        _speedup(tr),
         "",
         f"1-minute load average before the commands: {min(LOADS):.1f}-{max(LOADS):.1f} on {cores} cores"
         + (" (the machine was shared: a process whose OpenMP threads take every core loses the most when other processes "

@@ -50,11 +50,18 @@ def sweeps(args) -> str:
     if args.sweep_rows:
         keep = np.sort(np.random.default_rng(args.seed).permutation(len(ytr))[: args.sweep_rows])
         Xtr, ytr = Xtr[keep], ytr[keep]
-    rows = run(((Xtr, ytr), (test.X, test.y)), args.sweep_heads, args.device, args.seed)
+    rows = run(((Xtr, ytr), (test.X, test.y)), args.sweep_heads, args.device, args.seed, repeats=args.repeats, cold=args.sklearn_cold)
     source = f"`{store.name}` ({train.attrs.get('model')}, {train.attrs.get('img_size')} px, featx extract" + (
         ", the 'last' tap's columns of the `--layers` group" if store == layers_store else "") + ")"
     return "\n".join(_header(args, "Head sweeps at the speed of the hardware (`benchmarks/heads.py --section sweeps`)")
-                     + render(rows, len(ytr), len(test.y), Xtr.shape[1], source))
+                     + render(rows, len(ytr), len(test.y), Xtr.shape[1], source, args.repeats) + _load_note())
+
+
+def _load_note() -> list[str]:
+    import os
+
+    return ["", f"1-minute load average at the end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (other work sharing the "
+            "machine slows every variant; the rounds alternate so that each meets the same load)."]
 
 
 def _last_tap(store: Path):

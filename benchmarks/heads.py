@@ -9,7 +9,7 @@ benchmarks/heads.png (accuracy against fit time).
 
     python benchmarks/heads.py --quick          # subsets, a few minutes on a 2-core CPU
     python benchmarks/heads.py                  # full sets (GPU machine recommended)
-    python benchmarks/heads.py --section sweeps # featx's logreg / ridge / kNN sweeps against scikit-learn's (full CIFAR-10)
+    python benchmarks/heads.py --section sweeps # featx's logreg / ridge / kNN sweeps against scikit-learn's strongest paths (full CIFAR-10)
     python benchmarks/heads.py --section large_store  # fit-head on a store 4x larger than its memory cap: peak RSS
     python benchmarks/heads.py --section layers # last layer vs block taps vs flip averaging (full CIFAR-10, Fashion-MNIST)
     python benchmarks/heads.py --section layers_speed  # only the extraction speed of those variants
@@ -137,6 +137,8 @@ def main() -> None:
                    help="sweeps: store with train and test splits (extracted from CIFAR-10 with featx extract when missing)")
     p.add_argument("--sweep-heads", nargs="+", default=["logreg", "ridge", "knn"])
     p.add_argument("--sweep-rows", type=int, help="sweeps: use this many training rows (default: all)")
+    p.add_argument("--repeats", type=int, default=2, help="sweeps: rounds of alternating variants; each keeps its fastest")
+    p.add_argument("--sklearn-cold", action="store_true", help="sweeps: also scikit-learn's cold loop (one fit per grid value)")
     p.add_argument("--store-gb", type=float, default=2.0, help="large_store: size of the synthetic store")
     p.add_argument("--cap-gb", type=float, default=0.5, help="large_store: --max-memory given to fit-head")
     p.add_argument("--flip-datasets", nargs="*", default=["fashion-mnist", "cifar10"],

@@ -41,16 +41,25 @@ def test_compare_two_backbones_two_heads_then_the_cache(images, tmp_path, capsys
     assert rc == 0, err
     assert "2 backbones x 2 heads" in caplog.text and "0 backbones and 0 heads cached" in caplog.text
     rows = list(csv.DictReader(open(out / "leaderboard.csv")))
-    assert list(rows[0])[:5] == ["backbone", "head", "accuracy", "balanced_accuracy", "macro_f1"]
+    assert list(rows[0])[:10] == ["backbone", "head", "mark", "val_accuracy", "val_accuracy_ci_low", "val_accuracy_ci_high", "n_val",
+                                  "accuracy", "accuracy_ci_low", "accuracy_ci_high"]
     assert {(r["backbone"], r["head"]) for r in rows} == {(b, h) for b in ("test_resnet", "test_efficientnet") for h in ("logreg", "ncm")}
     accuracies = [float(r["accuracy"]) for r in rows]
     assert accuracies == sorted(accuracies, reverse=True)
     assert all(float(r["extract_images_per_s"]) > 0 and int(r["dim"]) > 0 and int(r["n_test"]) == 12 for r in rows)
+    assert all(float(r["accuracy_ci_low"]) <= float(r["accuracy"]) <= float(r["accuracy_ci_high"]) and int(r["n_val"]) > 0 for r in rows)
+    # every row is within noise of the others on 12 test images: the recommended one and three tied with it
+    assert sorted(r["mark"] for r in rows) == ["recommended", "tied", "tied", "tied"]
     board = json.loads((out / "leaderboard.json").read_text())
     assert board["test_images"]["n"] == 12 and "split 'test'" in board["test_images"]["description"]
+    assert board["recommended"]["head"] in ("logreg", "ncm") and "McNemar" in board["rules"]["tied"]
+    assert board["summary"].startswith(f"recommended: {board['recommended']['backbone']} + {board['recommended']['head']} (validation ")
+    assert "3 rows tied with it on 12 test images" in board["summary"] and board["summary"] in stdout
+    assert all(len(r["accuracy_ci"]) == 2 and r["origin"] == "this run" for r in board["rows"])
     assert len((out / "test_images.txt").read_text().split()) == 12
     assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG" and "| backbone | head |" in stdout
-    assert (out / "leaderboard.md").read_text().count("| test_") == 4
+    markdown = (out / "leaderboard.md").read_text()
+    assert markdown.count("| test_") == 4 and "**recommended**" in markdown and "exact paired McNemar test" in markdown
 
     import featx.comparison._run as run_module
 
@@ -69,6 +78,12 @@ def test_compare_two_backbones_two_heads_then_the_cache(images, tmp_path, capsys
             "--out", out, *FAST]
     rc, stdout, err = _run(capsys, *more)  # one more head: only it is fitted
     assert rc == 0 and len(list(csv.DictReader(open(out / "leaderboard.csv")))) == 6
+    # fewer heads on the same folder: the rows still cached from the earlier runs stay on the leaderboard, marked as such
+    rc, stdout, err = _run(capsys, "compare", images, "--model", "test_resnet=random", "--heads", "ncm", "--out", out, *FAST)
+    assert rc == 0, err
+    rows = list(csv.DictReader(open(out / "leaderboard.csv")))
+    assert len(rows) == 6 and [(r["backbone"], r["head"]) for r in rows if r["origin"] == "this run"] == [("test_resnet", "ncm")]
+    assert "5 rows come from earlier runs in this folder" in stdout
 
 
 def test_compare_an_existing_store(images, tmp_path, capsys):
@@ -183,9 +198,11 @@ def test_adding_a_model_costs_only_the_new_model(images, tmp_path, monkeypatch):
     with h5py.File(out / "features.h5") as f:
         np.testing.assert_array_equal(f["test_resnet/features"][()], resnet_rows)
         assert sorted(f) == ["test_efficientnet", "test_resnet"]
-    old = {r["head"]: r for r in first.leaderboard.rows}
-    assert [r for r in second.leaderboard.rows if r["backbone"] == "test_resnet"] == [old[r["head"]] for r in second.leaderboard.rows
-                                                                                        if r["backbone"] == "test_resnet"]
+    relative = ("mark", "mcnemar_p", "note")  # against the recommended row, which the new backbone may change
+    own = lambda r: {k: v for k, v in r.items() if k not in relative}  # noqa: E731
+    old = {r["head"]: own(r) for r in first.leaderboard.rows}
+    assert [own(r) for r in second.leaderboard.rows if r["backbone"] == "test_resnet"] == [
+        old[r["head"]] for r in second.leaderboard.rows if r["backbone"] == "test_resnet"]
 
 
 def test_compare_finetune_adds_a_row_scored_on_the_same_test_images(images, tmp_path, monkeypatch):

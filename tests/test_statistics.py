@@ -74,3 +74,23 @@ def test_paired_bootstrap_difference_sees_a_real_gain_and_not_a_tie():
     assert 0 < lo < b.mean() - a.mean() < hi
     lo, hi = paired_bootstrap_difference(a, a)
     assert lo == hi == 0
+
+
+def test_perfect_predictions_have_a_point_interval_for_every_bootstrapped_metric():
+    """A resample that misses a class averages over the classes it holds, as the score of a test set does."""
+    y = np.repeat([0, 1, 2], 4)  # 12 images: about 2% of resamples miss a class
+    assert bootstrap_interval("macro_f1", y, y) == (1.0, 1.0)
+    assert bootstrap_interval("balanced_accuracy", y, y) == (1.0, 1.0)
+
+
+def test_metrics_with_intervals_keeps_the_order_and_puts_each_interval_next_to_its_score():
+    from featx.statistics import format_metrics, metrics_with_intervals
+
+    y = np.arange(100) % 10
+    pred = np.where(np.arange(100) < 90, y, (y + 1) % 10)
+    metrics = {"accuracy": 0.9, "balanced_accuracy": 0.9, "macro_f1": 0.9, "top5_accuracy": 1.0}
+    out = metrics_with_intervals(metrics, y, pred)
+    assert list(out) == ["accuracy", "accuracy_ci", "balanced_accuracy", "balanced_accuracy_ci", "macro_f1", "macro_f1_ci",
+                         "top5_accuracy", "top5_accuracy_ci"]
+    assert out["accuracy_ci"] == pytest.approx(wilson_interval(90, 100)) and out["top5_accuracy_ci"] == pytest.approx(wilson_interval(100, 100))
+    assert format_metrics(out).startswith(f"accuracy {with_interval(0.9, wilson_interval(90, 100))}  balanced_accuracy 0.900 (")

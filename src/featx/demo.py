@@ -15,6 +15,7 @@ from .errors import FeatxError
 from .configs import DemoConfig, ExtractConfig, FitHeadConfig
 from .extraction import ExtractResult, extract
 from .fitting import FitHeadResult, fit_head
+from .statistics import with_interval
 
 __all__ = ["lite0_weights", "run_demo", "DemoResult"]
 
@@ -46,8 +47,9 @@ class DemoResult:
             self.extract.summary(),
             self.head.summary(),
             f"Accuracy of a '{self.head.head}' head on frozen ImageNet EfficientNet-Lite0 features of '{self.source}': "
-            f"{m['accuracy']:.4f} ({self.head.n_test} test images; balanced accuracy {m['balanced_accuracy']:.4f}, "
-            f"macro F1 {m['macro_f1']:.4f})",
+            f"{with_interval(m['accuracy'], m['accuracy_ci'])} ({self.head.n_test} test images; balanced accuracy "
+            f"{with_interval(m['balanced_accuracy'], m['balanced_accuracy_ci'])}, macro F1 {with_interval(m['macro_f1'], m['macro_f1_ci'])}; "
+            "95% intervals)",
         ])
 
 

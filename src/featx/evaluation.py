@@ -16,6 +16,7 @@ from .metrics import classification_metrics, confusion, per_class_report
 from .plots import save_confusion_png
 from .provenance import provenance
 from .run_folder import is_run_folder, not_a_head_message
+from .statistics import format_metrics, interval_description, metrics_with_intervals, with_interval
 from .splits import stratified_holdout
 from .store import FeatureSet, FeatureStore
 
@@ -44,13 +45,13 @@ class EvaluationResult:
 
     def to_dict(self) -> dict:
         return {"head": self.head, "model": self.model, "split": self.split, "holdout": self.holdout,
-                "split_description": self.split_description, "n": self.n, **self.metrics,
+                "split_description": self.split_description, "n": self.n, **self.metrics, "intervals": interval_description(self.n),
                 "json": str(self.json_path), "png": str(self.png_path)}
 
     def summary(self) -> str:
         width = max(12, *(len(c["class"]) for c in self.per_class))
         lines = [f"Head '{self.head}' on {self.n} rows of '{self.model}' ({self.split_description}):",
-                 "  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()),
+                 "  " + format_metrics(self.metrics) + f"  [{interval_description(self.n)}]",
                  f"  {'class':<{width}} precision  recall     f1  support"]
         lines += [f"  {c['class']:<{width}} {c['precision']:9.4f} {c['recall']:7.4f} {c['f1']:6.4f} {c['support']:8d}"
                   for c in self.per_class]
@@ -79,6 +80,7 @@ def evaluate_head(head_dir: str | os.PathLike, features: str | os.PathLike, *, s
     scores = head.scores(fs.X)
     y_pred = np.asarray(head.pipeline.predict(fs.X))
     metrics = classification_metrics(fs.y, y_pred, scores, n_classes=len(names))
+    metrics = metrics_with_intervals(metrics, fs.y, y_pred)
     report = per_class_report(fs.y, y_pred, names)
     cm = confusion(fs.y, y_pred, len(names))
     json_path, png_path = _output_paths(head, features, key, split, holdout, out_dir, overwrite)
@@ -87,7 +89,7 @@ def evaluate_head(head_dir: str | os.PathLike, features: str | os.PathLike, *, s
     write_json_atomic(json_path, {**result.to_dict(), "features": str(Path(features).resolve()),
                                   "head_dir": str(Path(head_dir).resolve()), "per_class": report,
                                   "confusion_matrix": cm.tolist(), "class_names": names, **provenance()})
-    title = f"{head.meta['head']} on {key} ({result.split_description}): accuracy {metrics['accuracy']:.3f}"
+    title = f"{head.meta['head']} on {key} ({result.split_description}): accuracy {with_interval(metrics['accuracy'], metrics['accuracy_ci'])}"
     save_confusion_png(cm, names, title, png_path)
     return result
 

@@ -10,6 +10,8 @@ A head folder holds::
                   load head folders from a trusted source.
     head.pt       torch heads: a plain state dict (preprocessing arrays and head weights),
                   read with ``torch.load(weights_only=True)``; the rest is in head.json
+    test_predictions.csv  id,true,predicted of every test image (class names), so paired tests
+                  (``featx compare``'s McNemar test) need no refit and no features
 
 Folders are written beside the target and renamed into place, so a failed run never leaves a
 half-written head or destroys the previous one.
@@ -38,13 +40,15 @@ if TYPE_CHECKING:  # torch and scikit-learn are imported where heads are written
     import torch
     from sklearn.pipeline import Pipeline
 
-__all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "read_head_meta", "save_head", "check_head_folder"]
+__all__ = ["SIDECAR", "FORMAT", "BACKBONE_ATTRS", "LoadedHead", "load_head", "read_head_meta", "save_head",
+           "check_head_folder", "PREDICTIONS", "predictions_csv", "read_predictions"]
 
 _logger = logging.getLogger(__name__)
 
 SIDECAR = "head.json"
 JOBLIB_FILE = "head.joblib"
 TORCH_FILE = "head.pt"
+PREDICTIONS = "test_predictions.csv"
 FORMAT = "featx-head/1"
 # Store attributes copied into the sidecar: what predict needs to rebuild and verify the backbone.
 BACKBONE_ATTRS = ("model", "weights", "weights_sha256", "weights_file_sha256", "weights_load", "img_size", "data_config", "preprocessing",
@@ -156,8 +160,40 @@ def _rebuild_step(spec: dict, state: dict[str, torch.Tensor], dim: int):
     return step
 
 
-def save_head(out: str | os.PathLike, pipeline: Pipeline, meta: dict, *, overwrite: bool = False) -> Path:
-    """Write ``pipeline`` and its sidecar ``meta`` into the folder ``out`` (atomically replaced)."""
+def predictions_csv(ids, true, predicted) -> str:
+    """``id,true,predicted`` rows (class names), as ``test_predictions.csv`` holds them."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["id", "true", "predicted"])
+    w.writerows(zip(ids, true, predicted))
+    return buf.getvalue()
+
+
+def read_predictions(path: str | os.PathLike, predicted: tuple[str, ...] = ("predicted",),
+                     true: tuple[str, ...] = ("true",)) -> dict[str, bool] | None:
+    """{image id: prediction right} from a predictions CSV with an ``id`` column, a true-label column (the first of ``true``
+    it has) and a prediction column (the first of ``predicted``); None when the file is missing or lacks them."""
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, csv.Error, UnicodeDecodeError):
+        return None
+    columns = set(rows[0]) if rows else set()
+    t = next((c for c in true if c in columns), None)
+    p = next((c for c in predicted if c in columns), None)
+    if "id" not in columns or t is None or p is None:
+        return None
+    return {r["id"]: r[t] == r[p] for r in rows}
+
+
+def save_head(out: str | os.PathLike, pipeline: Pipeline, meta: dict, *, overwrite: bool = False,
+              files: dict[str, str] | None = None) -> Path:
+    """Write ``pipeline``, its sidecar ``meta`` and the text ``files`` ({name: text}) into the folder ``out`` (atomically replaced)."""
     out = Path(out)
     check_head_folder(out, meta.get("request"), overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -167,6 +203,8 @@ def save_head(out: str | os.PathLike, pipeline: Pipeline, meta: dict, *, overwri
     tmp.mkdir()
     try:
         meta = {**meta, "serialization": _write_estimator(pipeline, tmp)}
+        for name, text in (files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")
         write_json_atomic(tmp / SIDECAR, meta)
         replace_folder(tmp, out)
     finally:

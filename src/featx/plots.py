@@ -48,24 +48,39 @@ def save_confusion_png(cm: np.ndarray, names: list[str], title: str, path: Path)
     _save(fig, path)
 
 
-def save_leaderboard_png(rows: list[dict], path: Path) -> None:
-    """Test accuracy against cost (seconds per image to extract + fit, log scale), one labelled marker per row."""
-    fig = _figure(8, 5.5)
+def save_leaderboard_png(rows: list[dict], path: Path, title: str = "") -> None:
+    """Test accuracy (with its 95% interval) against cost (seconds per image to extract + fit, log scale), one labelled
+    marker per row; the recommended row (``mark``) starred, the rows tied with it ringed."""
+    fig = _figure(8, 5.8)
     ax = fig.add_subplot(1, 1, 1)
     backbones = list(dict.fromkeys(r["backbone"] for r in rows))
     markers = {h: m for h, m in zip(dict.fromkeys(r["head"] for r in rows), "osD^v<>pPX*h")}
     for r in rows:
         colour = f"C{backbones.index(r['backbone']) % 10}"
-        ax.scatter(r["cost_s_per_image"], r["accuracy"], color=colour, marker=markers[r["head"]], s=45, zorder=3)
-        ax.annotate(f"{r['backbone']} {r['head']}", (r["cost_s_per_image"], r["accuracy"]), fontsize=6, xytext=(3, 2),
-                    textcoords="offset points")
+        x, y = r["cost_s_per_image"], r["accuracy"]
+        if r.get("accuracy_ci"):
+            lo, hi = r["accuracy_ci"]
+            ax.errorbar(x, y, yerr=[[max(0.0, y - lo)], [max(0.0, hi - y)]], color=colour, alpha=0.5, lw=1, capsize=2, zorder=2)
+        ax.scatter(x, y, color=colour, marker=markers[r["head"]], s=45, zorder=3)
+        label = f"{r['backbone']} {r['head']}" + (" (recommended)" if r.get("mark") == "recommended" else "")
+        ax.annotate(label, (x, y), fontsize=6, xytext=(3, 2), textcoords="offset points",
+                    fontweight="bold" if r.get("mark") == "recommended" else "normal")
+    for mark, style in (("recommended", dict(marker="*", s=260, facecolors="none", edgecolors="black", linewidths=1.2)),
+                        ("tied", dict(marker="o", s=150, facecolors="none", edgecolors="0.3", linewidths=0.8))):
+        chosen = [r for r in rows if r.get("mark") == mark]
+        if chosen:
+            ax.scatter([r["cost_s_per_image"] for r in chosen], [r["accuracy"] for r in chosen], zorder=4, **style,
+                       label="recommended (chosen on validation)" if mark == "recommended" else "tied with it on the test images")
     front = pareto_front([(r["cost_s_per_image"], r["accuracy"]) for r in rows])
     if len(front) > 1:
-        ax.step(*zip(*front), where="post", color="0.6", lw=1, zorder=1, label="Pareto front")
+        ax.step(*zip(*front), where="post", color="0.6", lw=1, zorder=1, label="Pareto front (test accuracy)")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, loc="lower right")
     ax.set_xscale("log")
     ax.set_xlabel("seconds per image to extract + fit (log)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (95% interval)")
+    if title:
+        ax.set_title(title, fontsize=7, wrap=True)
     ax.grid(alpha=0.3)
     _save(fig, path)
 

@@ -22,6 +22,7 @@ from .head_folder import load_head
 from .metrics import softmax
 from .run_folder import is_run_folder, load_run
 from .sources import ImageSource, resolve_source
+from .statistics import format_interval, wilson_interval
 
 __all__ = ["PredictResult", "predict_images"]
 
@@ -38,7 +39,8 @@ class PredictResult:
     unreadable: list[tuple[str, str]]  # (path, reason)
     seconds: float
     accuracy: float | None = None  # over the images whose label is one of the head's classes
-    accuracy_by_split: dict = field(default_factory=dict)  # split -> {'accuracy', 'n'} when the source has several splits
+    accuracy_ci: list[float] | None = None  # its 95% Wilson interval
+    accuracy_by_split: dict = field(default_factory=dict)  # split -> {'accuracy', 'accuracy_ci', 'n'} when the source has several splits
     unknown_classes: list[str] = field(default_factory=list)  # labels of the source the head does not know
 
     def to_dict(self) -> dict:
@@ -47,8 +49,10 @@ class PredictResult:
     def summary(self) -> str:
         text = f"Predicted {self.n_predicted} of {self.n_images} images in {self.seconds:.1f} s into {self.out}"
         if self.accuracy is not None:
-            by_split = ", ".join(f"{s} {v['accuracy']:.4f} ({v['n']} images)" for s, v in self.accuracy_by_split.items())
-            text += f" (accuracy on the source's labels: {self.accuracy:.4f}" + (f"; by split: {by_split}" if by_split else "") + ")"
+            by_split = ", ".join(f"{s} {v['accuracy']:.4f} {format_interval(v['accuracy_ci'])} ({v['n']} images)"
+                                 for s, v in self.accuracy_by_split.items())
+            text += (f" (accuracy on the source's labels: {self.accuracy:.4f} {format_interval(self.accuracy_ci)}"
+                     + (f"; by split: {by_split}" if by_split else "") + "; 95% Wilson intervals)")
         if self.unknown_classes:
             text += f"; classes the head does not know, left out of the accuracy: {', '.join(self.unknown_classes)}"
         if self.unreadable:
@@ -92,7 +96,8 @@ def predict_images(head_dir: str | os.PathLike, source, out: str | os.PathLike, 
                         "; ".join(f"{p}: {r}" for p, r in unreadable[:10]), "; ..." if len(unreadable) > 10 else "")
     accuracy, by_split = _accuracy(truth, ranked[:, 0], splits)
     return PredictResult(out=out, n_images=len(src), n_predicted=int((ranked[:, 0] >= 0).sum()), unreadable=unreadable,
-                         seconds=time.perf_counter() - t0, accuracy=accuracy, accuracy_by_split=by_split, unknown_classes=unknown)
+                         seconds=time.perf_counter() - t0, accuracy=accuracy.get("accuracy"), accuracy_ci=accuracy.get("accuracy_ci"),
+                         accuracy_by_split=by_split, unknown_classes=unknown)
 
 
 @dataclass
@@ -134,13 +139,13 @@ def _true_labels(src: ImageSource, names: list[str]) -> tuple[np.ndarray | None,
     return mapping[src.labels], unknown
 
 
-def _accuracy(truth, predicted, splits) -> tuple[float | None, dict]:
-    """Accuracy over images with a known true class and a prediction, overall and per split."""
+def _accuracy(truth, predicted, splits) -> tuple[dict, dict]:
+    """{'accuracy', 'accuracy_ci'} over images with a known true class and a prediction, overall and per split (with 'n')."""
     if truth is None:
-        return None, {}
+        return {}, {}
     scored = (truth >= 0) & (predicted >= 0)
     if not scored.any():
-        return None, {}
+        return {}, {}
     hits = truth == predicted
     by_split = {}
     if splits is not None:
@@ -148,8 +153,12 @@ def _accuracy(truth, predicted, splits) -> tuple[float | None, dict]:
         for name in dict.fromkeys(splits):
             m = scored & (split_arr == name)
             if m.any():
-                by_split[name] = {"accuracy": float(hits[m].mean()), "n": int(m.sum())}
-    return float(hits[scored].mean()), by_split
+                by_split[name] = {**_with_ci(hits[m]), "n": int(m.sum())}
+    return _with_ci(hits[scored]), by_split
+
+
+def _with_ci(hits: np.ndarray) -> dict:
+    return {"accuracy": float(hits.mean()), "accuracy_ci": list(wilson_interval(int(hits.sum()), len(hits)))}
 
 
 def _embed(embedder: ImageEmbedder, src: ImageSource, dim: int, progress: bool) -> tuple[np.ndarray, dict[int, str]]:

@@ -14,11 +14,13 @@ from statistics import NormalDist
 
 import numpy as np
 
-__all__ = ["CONFIDENCE", "wilson_interval", "bootstrap_interval", "metric_intervals", "paired_bootstrap_difference",
-           "mcnemar_exact", "mcnemar_exact_counts", "format_interval", "with_interval"]
+__all__ = ["CONFIDENCE", "TIE_P", "wilson_interval", "bootstrap_interval", "metric_intervals", "metrics_with_intervals",
+           "paired_bootstrap_difference", "mcnemar_exact", "mcnemar_exact_counts", "format_interval", "with_interval",
+           "format_metrics", "half_width", "interval_description"]
 
 CONFIDENCE = 0.95
 N_BOOTSTRAP = 1000
+TIE_P = 0.05  # two models whose exact McNemar p-value is at least this are not distinguishable on their test images
 
 
 def wilson_interval(successes: int, n: int, confidence: float = CONFIDENCE) -> tuple[float, float]:
@@ -65,10 +67,12 @@ def _balanced_accuracy(tp, true, pred, labels):
 
 
 def _macro_f1(tp, true, pred, labels):
+    """Mean F1 over the classes of ``labels`` that the resample's true labels hold, as :func:`featx.metrics` averages
+    over the classes of ``y_true`` (a class a resample lacks has no F1 to average, rather than an F1 of 0)."""
+    present = true[:, labels] > 0
     denom = (true + pred)[:, labels]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        f1 = np.where(denom > 0, 2 * tp[:, labels] / np.maximum(denom, 1), 0.0)
-    return f1.mean(axis=1)
+    f1 = np.where(present, 2 * tp[:, labels] / np.maximum(denom, 1), 0.0)
+    return f1.sum(axis=1) / np.maximum(present.sum(axis=1), 1)
 
 
 _BOOTSTRAPPED = {"balanced_accuracy": _balanced_accuracy, "macro_f1": _macro_f1}
@@ -78,8 +82,8 @@ def bootstrap_interval(metric: str, y_true, y_pred, *, confidence: float = CONFI
                        seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap interval of ``metric`` ('balanced_accuracy' or 'macro_f1') over the test images.
 
-    The classes are those of ``y_true`` (as featx's metrics define them); a resample that misses a
-    class averages over the classes it has (balanced accuracy) or scores it 0 (macro F1).
+    Each resample is scored as featx's metrics score a test set: averaged over the classes its true labels hold (a
+    resample that misses a class averages over the classes it has).
     """
     y_true, y_pred = _encoded(y_true, y_pred)
     n = len(y_true)
@@ -113,8 +117,31 @@ def metric_intervals(y_true, y_pred, *, confidence: float = CONFIDENCE, n_boot: 
     out = {"accuracy_ci": list(wilson_interval(correct, n, confidence))}
     for metric in _BOOTSTRAPPED:
         out[f"{metric}_ci"] = list(bootstrap_interval(metric, y_true, y_pred, confidence=confidence, n_boot=n_boot, seed=seed))
-    out["interval_description"] = (f"{confidence:.0%} intervals over the {n} test images: Wilson for accuracy, a percentile "
-                                   f"bootstrap ({n_boot} resamples) for balanced accuracy and macro F1")
+    out["interval_description"] = interval_description(n, confidence=confidence, n_boot=n_boot)
+    return out
+
+
+def interval_description(n: int, *, confidence: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP) -> str:
+    """How :func:`metric_intervals` made its intervals, in words."""
+    return (f"{confidence:.0%} intervals over the {n} test images: Wilson for accuracy, a percentile "
+            f"bootstrap ({n_boot} resamples) for balanced accuracy and macro F1")
+
+
+def metrics_with_intervals(metrics: dict, y_true, y_pred, *, confidence: float = CONFIDENCE, n_boot: int = N_BOOTSTRAP,
+                           seed: int = 0) -> dict:
+    """``metrics`` (featx's schema) with each score's interval right after it: ``accuracy``, ``accuracy_ci``, ...
+
+    ``top5_accuracy`` gets Wilson's interval too (a proportion of the same ``len(y_true)`` images).
+    """
+    n = len(y_true)
+    intervals = metric_intervals(y_true, y_pred, confidence=confidence, n_boot=n_boot, seed=seed)
+    if "top5_accuracy" in metrics:
+        intervals["top5_accuracy_ci"] = list(wilson_interval(round(metrics["top5_accuracy"] * n), n, confidence))
+    out = {}
+    for name, value in metrics.items():
+        out[name] = value
+        if f"{name}_ci" in intervals:
+            out[f"{name}_ci"] = intervals[f"{name}_ci"]
     return out
 
 
@@ -170,3 +197,15 @@ def format_interval(interval) -> str:
 def with_interval(value: float, interval) -> str:
     """``0.948 (0.900–0.973)``: a score and its interval, as text and markdown show them."""
     return f"{value:.3f} {format_interval(interval)}"
+
+
+def format_metrics(metrics: dict) -> str:
+    """``accuracy 0.948 (0.900–0.973)  balanced_accuracy ...``: every score of ``metrics``, with its interval when it has one."""
+    return "  ".join(f"{k} {with_interval(v, metrics[f'{k}_ci']) if metrics.get(f'{k}_ci') else f'{v:.4f}'}"
+                     for k, v in metrics.items() if not k.endswith("_ci") and isinstance(v, (int, float)))
+
+
+def half_width(interval) -> float:
+    """Half the width of an interval: the ``0.03`` of ``0.97 ± 0.03`` (Wilson's interval is not symmetric about the score)."""
+    lo, hi = interval
+    return (hi - lo) / 2

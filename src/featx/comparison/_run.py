@@ -21,15 +21,21 @@ from ..errors import FeatxError
 from ..extraction import extract
 from ..files import check_writable, write_text_atomic
 from ..fitting import fit_head, near_duplicates_line, plan_fit
+from ..head_folder import PREDICTIONS, read_predictions
 from ..heads import HEADS
 from ..sources import ImageSource, resolve_source
 from ..store import FeatureStore
 from ._plan import Backbone, is_store, parse_heads, parse_models
+from ._recommend import OTHER_IMAGES, correct_on, mark_test_ties, recommend, summary_line
 from ._report import Leaderboard, finetune_row, head_row
 
 __all__ = ["CompareResult", "compare"]
 
 _logger = logging.getLogger(__name__)
+
+# A fine-tuning run's per-image test predictions: featx finetune writes them beside metrics.json; the chosen model's column
+FINETUNE_PREDICTIONS = "test_predictions.csv"
+FINETUNE_PREDICTED = ("finetuned", "predicted", "prediction", "chosen")
 
 
 @dataclass
@@ -48,7 +54,8 @@ class CompareResult:
 
     def summary(self) -> str:
         note = f"\n{near_duplicates_line(self.near_duplicates, self.leaderboard.test['n'])}" if self.near_duplicates else ""
-        return self.leaderboard.markdown() + f"\n\nWrote {', '.join(str(p) for p in self.leaderboard.paths)}." + note
+        return (self.leaderboard.markdown() + f"\n\n{self.leaderboard.summary}"
+                + f"\nWrote {', '.join(str(p) for p in self.leaderboard.paths)}." + note)
 
 
 def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out: str | os.PathLike) -> CompareResult:
@@ -75,10 +82,16 @@ def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out:
     with tqdm(total=steps.total, desc="compare", unit="step", disable=not config.progress) as bar:
         steps.bar = bar
         groups = steps.extract_all(src) if backbones else _store_groups(store)
-        rows = [r for key in groups for r in steps.fit_heads(key)]
+        test, test_ids = steps.test_images(groups[0])
+        scored = [r for key in groups for r in steps.fit_heads(key, test_ids)]
         if config.finetune:
-            rows += [steps.finetune(src, b) for b in backbones]
-    leaderboard = Leaderboard(rows, steps.test_description(groups[0]), n_classes=steps.n_classes(groups[0]))
+            scored += [steps.finetune(src, b, test_ids) for b in backbones]
+        earlier = steps.earlier_rows({(r["backbone"], r["head"]) for r, _ in scored}, test_ids)
+    rows, correct = [r for r, _ in scored + earlier], [c for _, c in scored + earlier]
+    recommended = recommend(rows)
+    mark_test_ties(rows, correct, recommended)
+    leaderboard = Leaderboard(rows, test, n_classes=steps.n_classes(groups[0]), summary=summary_line(rows, recommended, test["n"]),
+                              earlier=[f"{r['backbone']} + {r['head']}" for r, _ in earlier])
     leaderboard.write(out)
     steps.done["seconds"] = time.perf_counter() - t0
     return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done, near_duplicates=steps.near_duplicates)
@@ -144,13 +157,14 @@ class _Steps:
         return self.out / "heads" / group / head
 
     def _head_config(self, group: str, head: str) -> FitHeadConfig:
-        return FitHeadConfig(head=head, model=group, sweep=bool(HEADS[head].grid), device=self.config.device, seed=self.config.seed,
+        # --sweep for every head: one without a grid still gets its validation accuracy, which the recommendation reads
+        return FitHeadConfig(head=head, model=group, sweep=True, device=self.config.device, seed=self.config.seed,
                              progress=False, overwrite=True)
 
     def _cached_head(self, group: str, head: str) -> dict | None:
-        """The sidecar of a head fitted earlier with the same request on the same images, else None."""
+        """The sidecar of a head fitted earlier with the same request on the same images (and its test predictions), else None."""
         sidecar = self._head_dir(group, head) / "head.json"
-        if not sidecar.is_file():
+        if not sidecar.is_file() or not (self._head_dir(group, head) / PREDICTIONS).is_file():
             return None
         try:
             meta = json.loads(sidecar.read_text())
@@ -163,7 +177,8 @@ class _Steps:
         same_weights = meta.get("backbone", {}).get("weights_sha256") == attrs.get("weights_sha256")
         return meta if meta.get("request") == want and same_images and same_weights else None
 
-    def fit_heads(self, group: str) -> list[dict]:
+    def fit_heads(self, group: str, test_ids: list[str]) -> list[tuple[dict, object]]:
+        """(row, right/wrong per test image) of every head on ``group``, fitted or read back."""
         with FeatureStore(self.store) as fs:
             attrs = fs.attrs(group)
         rows = []
@@ -175,37 +190,75 @@ class _Steps:
                 self.done["fitted"] += 1
             else:
                 self.done["cached_heads"] += 1
-            rows.append(head_row(group, head, meta, attrs))
+            rows.append((head_row(group, head, meta, attrs), self._head_correct(group, head, test_ids)))
             self.near_duplicates = max(self.near_duplicates, int(meta.get("n_train_test_near_duplicates") or 0))
-            self._step(f"{group} {head}: {rows[-1]['accuracy']:.3f}")
+            self._step(f"{group} {head}: {rows[-1][0]['accuracy']:.3f}")
         return rows
 
-    def finetune(self, src: ImageSource, b: Backbone) -> dict:
+    def _head_correct(self, group: str, head: str, test_ids: list[str]):
+        return correct_on(test_ids, read_predictions(self._head_dir(group, head) / PREDICTIONS), f"the head folder has no {PREDICTIONS}")
+
+    def finetune(self, src: ImageSource, b: Backbone, test_ids: list[str]) -> tuple[dict, object]:
         from ..finetuning import finetune
 
         c = self.config
         run_dir = self.out / "finetune" / b.key
         config = FinetuneConfig(model=b.model, pretrained=b.pretrained, weights=b.weights, img_size=c.img_size, device=c.device,
                                 precision=c.precision, workers=c.workers, seed=c.seed, progress=False, resume=True)
-        metrics_file = run_dir / "metrics.json"
-        if metrics_file.is_file():
+        if (run_dir / "metrics.json").is_file():
             self.done["cached_finetunes"] += 1
         else:
             finetune(src, config, run_dir)
             self.done["finetuned"] += 1
-        metrics = json.loads(metrics_file.read_text())
-        with FeatureStore(self.store) as fs:
-            attrs = fs.attrs(b.key)
-        self._step(f"{b.key} fine-tune: {metrics['accuracy']:.3f}")
-        return finetune_row(b.key, metrics, attrs)
+        row, correct = self._finetune_row(b.key, run_dir, test_ids)
+        self._step(f"{b.key} fine-tune: {row['accuracy']:.3f}")
+        return row, correct
 
-    def test_description(self, group: str) -> dict:
+    def _finetune_row(self, key: str, run_dir: Path, test_ids: list[str]) -> tuple[dict, object]:
+        """A fine-tuning run's row; its per-image test predictions (the chosen model's) from the run's test_predictions.csv."""
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        with FeatureStore(self.store) as fs:
+            attrs = fs.attrs(key)
+        by_id = read_predictions(run_dir / FINETUNE_PREDICTIONS, predicted=FINETUNE_PREDICTED, true=("true", "label", "true_label"))
+        missing = (f"the run folder has no per-image test predictions ({FINETUNE_PREDICTIONS} with id, true and predicted columns), "
+                   "so no paired test")
+        return finetune_row(key, metrics, attrs), correct_on(test_ids, by_id, missing)
+
+    def earlier_rows(self, done: set[tuple[str, str]], test_ids: list[str]) -> list[tuple[dict, object]]:
+        """Rows still cached in the folder from earlier runs (other --heads, --model or --finetune) on the same test images."""
+        if not self.store.exists():
+            return []
+        with FeatureStore(self.store) as fs:
+            groups = fs.models()
+        found = []
+        for group in groups:
+            for sidecar in sorted((self.out / "heads" / group).glob("*/head.json")):
+                head = sidecar.parent.name
+                if (group, head) in done or head not in HEADS or (meta := self._cached_head(group, head)) is None:
+                    continue
+                with FeatureStore(self.store) as fs:
+                    row = head_row(group, head, meta, fs.attrs(group))
+                found.append((row, self._head_correct(group, head, test_ids)))
+            run_dir = self.out / "finetune" / group
+            if (group, "finetune") not in done and (run_dir / "metrics.json").is_file():
+                found.append(self._finetune_row(group, run_dir, test_ids))
+        kept = []
+        for r, c in found:
+            if isinstance(c, str) and OTHER_IMAGES in c:
+                _logger.warning("left out %s + %s, cached from an earlier run: %s", r["backbone"], r["head"], c)
+                continue
+            r["origin"] = "earlier run"
+            kept.append((r, c))
+        self.done["earlier_rows"] = len(kept)
+        return kept
+
+    def test_images(self, group: str) -> tuple[dict, list[str]]:
         """Which images every row is scored on (the fit-head rule), with their ids written to test_images.txt."""
         with FeatureStore(self.store) as fs:
             plan = plan_fit(fs, self.store, self._head_config(group, self.heads[0]), None)
-            ids = fs.read(plan.key, rows=plan.test_rows).ids.tolist()
+            ids = fs.ids_of(plan.key, plan.test_rows)
         write_text_atomic(self.out / "test_images.txt", "\n".join(ids) + "\n")
-        return {"description": plan.test_description, "n": len(ids), "file": "test_images.txt"}
+        return {"description": plan.test_description, "n": len(ids), "file": "test_images.txt"}, ids
 
     def n_classes(self, group: str) -> int:
         with FeatureStore(self.store) as fs:

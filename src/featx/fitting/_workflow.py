@@ -18,10 +18,11 @@ import numpy as np
 from ..configs import NEAR_DUPLICATE_COSINE, FitHeadConfig
 from ..errors import FeatxError, shell_command
 from ..files import check_writable, jsonable
-from ..head_folder import BACKBONE_ATTRS, FORMAT, save_head
+from ..head_folder import BACKBONE_ATTRS, FORMAT, PREDICTIONS, predictions_csv, save_head
 from ..heads import check_head_name, full_scores, make_head, showing_progress
 from ..metrics import classification_metrics
 from ..provenance import provenance
+from ..statistics import format_metrics, interval_description, metrics_with_intervals, with_interval
 from ..store import FeatureStore
 from ._plan import FitPlan, head_params, memory_budget, plan_fit, sweep_grid
 
@@ -50,9 +51,11 @@ class FitHeadResult:
     dim: int | None = None  # feature dimension the head was fitted on
     features: str | None = None  # the store, as given
     n_train_test_near_duplicates: int = 0  # test rows with a training row at cosine >= NEAR_DUPLICATE_COSINE
+    intervals: str = ""  # how the metrics' 95% intervals (the ``*_ci`` fields) were computed
 
     def to_dict(self) -> dict:
-        return {"head": self.head, "model": self.model, **self.metrics, "n_train": self.n_train, "n_test": self.n_test,
+        return {"head": self.head, "model": self.model, **self.metrics, "intervals": self.intervals, "n_train": self.n_train,
+                "n_test": self.n_test,
                 "fit_seconds": self.fit_seconds, "predict_seconds": self.predict_seconds, "train_split": self.train_split,
                 "test_split": self.test_split, "test_split_description": self.test_description,
                 "sweep_best": self.sweep["best"] if self.sweep else None, "sweep": self.sweep,
@@ -66,14 +69,16 @@ class FitHeadResult:
                  f"in {self.fit_seconds:.2f} s, tested on {self.n_test} rows ({self.test_description})."]
         if self.sweep is not None and not self.sweep["curve"]:
             lines.append(f"Nothing to sweep: '{self.head}' has no regularisation left to choose with these options "
-                         "(values given with --param stay fixed); fitted as is.")
+                         "(values given with --param stay fixed); fitted as is"
+                         + (f" (validation accuracy {with_interval(self.sweep['best_val_accuracy'], self.sweep['best_val_accuracy_ci'])}"
+                            f" on {self.sweep['n_val']} rows)." if self.sweep.get("n_val") else "."))
         elif self.sweep:
             s = self.sweep
             curve = ", ".join(f"{format_params(c['params'])}: {c['val_accuracy']:.4f}" for c in s["curve"])
             lines.append(f"Sweep ({'one batched pass' if s['batched'] else 'one fit per value'}, {s['n_train']} train / "
                          f"{s['n_val']} validation rows, {s['seconds']:.2f} s): chose {format_params(s['best'])} "
-                         f"(validation accuracy {s['best_val_accuracy']:.4f}{_tied(s)}); curve: {curve}")
-        lines.append("  " + "  ".join(f"{k} {v:.4f}" for k, v in self.metrics.items()))
+                         f"(validation accuracy {with_interval(s['best_val_accuracy'], s['best_val_accuracy_ci'])}{_tied(s)}); curve: {curve}")
+        lines.append("  " + format_metrics(self.metrics) + f"  [{self.intervals}]")
         if self.n_train_test_near_duplicates:
             lines.append(near_duplicates_line(self.n_train_test_near_duplicates, self.n_test, self.features))
         command = shell_command("featx", "evaluate", self.out, self.features or "FEATURES.h5")
@@ -128,16 +133,27 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
             pipeline, sweep_result, scores, y_pred, fit_seconds, predict_seconds = _fit_in_memory(store, plan, pipeline, config)
         near = _near_duplicates(store, plan, config)
     metrics = classification_metrics(plan.y_test, y_pred, scores, n_classes=len(plan.class_names))
+    metrics = metrics_with_intervals(metrics, plan.y_test, y_pred, seed=config.seed)
+    intervals = interval_description(len(plan.y_test))
     sweep = sweep_result.to_dict() if sweep_result else None
     for note in sweep_result.edge_notes() if sweep_result else []:
         _logger.warning("'%s' on '%s': %s", config.head, plan.key, note)
-    meta = {**_sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds), "n_train_test_near_duplicates": near}
-    save_head(out, pipeline, meta, overwrite=True)
+    meta = {**_sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds), "n_train_test_near_duplicates": near,
+            "intervals": intervals}
+    save_head(out, pipeline, meta, overwrite=True, files={PREDICTIONS: _predictions(store_path=features, plan=plan, y_pred=y_pred)})
     return FitHeadResult(out=out, head=config.head, model=plan.key, metrics=metrics, n_train=len(plan.train_rows),
                          n_test=len(plan.test_rows), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                          train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep,
                          n_train_test_duplicates=plan.n_duplicates, dim=int(plan.dim), features=str(features),
-                         n_train_test_near_duplicates=near)
+                         n_train_test_near_duplicates=near, intervals=intervals)
+
+
+def _predictions(store_path, plan: FitPlan, y_pred: np.ndarray) -> str:
+    """test_predictions.csv: every test image's id, true class and predicted class."""
+    with FeatureStore(store_path) as store:
+        ids = store.ids_of(plan.key, plan.test_rows)
+    names = np.asarray(plan.class_names, dtype=object)
+    return predictions_csv(ids, names[plan.y_test], names[np.asarray(y_pred, dtype=np.int64)])
 
 
 def _pipeline(config: FitHeadConfig, attrs: dict):

@@ -19,7 +19,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..errors import FeatxError
 from ..splits import stratified_holdout
-from ..statistics import mcnemar_exact
+from ..statistics import mcnemar_exact, wilson_interval
 from ._progress import progress_bar
 
 __all__ = ["SweepResult", "SweptHead", "sweep"]
@@ -43,9 +43,17 @@ class SweepResult:
     n_tied: int = 0  # grid entries tied with the best on validation (exact McNemar, p >= TIE_P_VALUE); the choice is their middle
 
     def to_dict(self) -> dict:
-        return {"params": self.params, "best": self.best, "best_val_accuracy": self.best_val_accuracy, "curve": self.curve,
+        return {"params": self.params, "best": self.best, "best_val_accuracy": self.best_val_accuracy,
+                "best_val_accuracy_ci": self.best_val_accuracy_ci, "curve": self.curve,
                 "n_train": self.n_train, "n_val": self.n_val, "seconds": self.seconds, "batched": self.batched,
                 "edges": self.edges, "n_tied": self.n_tied}
+
+    @property
+    def best_val_accuracy_ci(self) -> list[float] | None:
+        """Wilson's 95% interval of the chosen entry's validation accuracy (None without validation rows)."""
+        if not self.n_val:
+            return None
+        return list(wilson_interval(round(self.best_val_accuracy * self.n_val), self.n_val))
 
     def edge_notes(self) -> list[str]:
         """One sentence per chosen value at the edge of its grid, saying how to extend the grid."""
@@ -142,11 +150,25 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         result = SweepResult(params=sorted({k for g in self.grid for k in g}))
         if self.grid:
             self._search(X, y, result)
+        else:
+            self._score_as_is(X, y, result)
         final = clone(self.pipeline).set_params(**{f"head__{k}": v for k, v in result.best.items()})
         self.best_estimator_ = final.fit(X, y)
         self.best_params_, self.result_ = dict(result.best), result
         self.classes_ = self.best_estimator_.classes_
         return self
+
+    def _score_as_is(self, X, y, result: SweepResult) -> None:
+        """Nothing to choose: the head's validation accuracy as it is, on the split a sweep would use, so every head of a
+        comparison has one (left out when the rows are too few for a validation split)."""
+        try:
+            idx_tr, idx_va = validation_split(y, self.val_fraction, self.random_state)
+        except FeatxError:
+            return
+        result.n_train, result.n_val = len(idx_tr), len(idx_va)
+        t0 = time.perf_counter()
+        result.best_val_accuracy = float(clone(self.pipeline).fit(X[idx_tr], y[idx_tr]).score(X[idx_va], y[idx_va]))
+        result.seconds = time.perf_counter() - t0
 
     def _search(self, X, y, result: SweepResult) -> None:
         idx_tr, idx_va = validation_split(y, self.val_fraction, self.random_state)
