@@ -180,3 +180,13 @@ def test_knn_class_weight_multiplies_every_neighbours_vote():
     np.testing.assert_allclose(plain.predict_proba(query), [[3 / 4, 1 / 4]])
     np.testing.assert_allclose(weighted.predict_proba(query), [[3 / 8, 5 / 8]])  # 3 x 1 against 1 x 5
     assert plain.predict(query)[0] == 0 and weighted.predict(query)[0] == 1
+
+
+def test_ncm_on_one_image_per_class_scores_by_its_prediction():
+    # no spread within a class: scikit-learn's predict_proba fails on NaN; the scores become the prediction, one-hot
+    from featx.heads import full_scores
+
+    X = np.random.default_rng(0).normal(size=(3, 8))
+    head = make_head("ncm").fit(X, [0, 1, 2])
+    scores = full_scores(head, X + 0.01, 4)
+    np.testing.assert_array_equal(scores, np.eye(4)[[0, 1, 2]][:, :4])

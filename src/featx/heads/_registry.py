@@ -177,7 +177,11 @@ def predict_scores(estimator, X) -> np.ndarray:
     from ..metrics import softmax  # here: the registry is read by the command line, which loads no scikit-learn
 
     if hasattr(estimator, "predict_proba"):
-        return estimator.predict_proba(X)
+        try:
+            return estimator.predict_proba(X)
+        except ValueError:  # undefined (a nearest-centroid head on one image per class has no spread): the prediction alone
+            predicted = np.asarray(estimator.predict(X))
+            return (predicted[:, None] == np.asarray(estimator.classes_)[None, :]).astype(np.float64)
     d = np.asarray(estimator.decision_function(X), dtype=np.float64)
     return softmax(np.stack([-d, d], axis=1) if d.ndim == 1 else d)
 
