@@ -59,7 +59,7 @@ def run(data, tmp_path_factory):
 
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
-        rc = main(["finetune", str(data), "--model", "test_efficientnet", "--out", str(out), "--epochs", "2",
+        rc = main(["finetune", str(data), "--model", "test_efficientnet", "--weights", "random", "--out", str(out), "--epochs", "2",
                    "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"])
     assert rc == 0
     return out, buf.getvalue()
@@ -122,7 +122,7 @@ def test_loss_falls(data, tmp_path):
 def test_a_run_whose_validation_cannot_separate_the_models_keeps_the_probe_and_says_why(data, tmp_path, capsys):
     """Every candidate scores what the probe scores on validation: one-sided McNemar p = 1, the refitted probe is kept."""
     out = tmp_path / "run"
-    assert main(["finetune", str(data), "--model", "test_efficientnet", "--out", str(out), "--epochs", "1", "--freeze", "stages:1",
+    assert main(["finetune", str(data), "--model", "test_efficientnet", "--weights", "random", "--out", str(out), "--epochs", "1", "--freeze", "stages:1",
                  "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"]) == 0
     stdout = capsys.readouterr().out
     m = json.loads(stdout.strip().splitlines()[-1])
@@ -348,7 +348,7 @@ def test_init_head_refuses_nonlinear_or_mismatched_heads(data, features, tmp_pat
 # -- bad input ---------------------------------------------------------------------------------
 def _cli(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()
-    rc = main(["finetune", *map(str, args), "--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress"])
+    rc = main(["finetune", *map(str, args), "--weights", "random", "--img-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress"])
     return rc, capsys.readouterr().err.strip()
 
 
@@ -375,6 +375,11 @@ def test_bad_input_exits_2_with_one_line(run, data, tmp_path, capsys):
         assert "--sweep" not in err
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "keep me"
     assert json.loads((out / "metrics.json").read_text())["epochs"] == 2  # the refused run is untouched
+    capsys.readouterr()  # neither --weights nor --pretrained: refused, not a silent random initialisation
+    assert main(["finetune", str(data), "--model", "test_resnet", "--out", str(tmp_path / "r7"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no weights for 'test_resnet'" in err and "--weights random" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "r7").exists()
 
 
 def test_overwrite_replaces_a_run(data, tmp_path, capsys):
@@ -412,7 +417,7 @@ def test_optimizer_uses_layer_decay_over_trainable_parameters_and_warmup_cosine(
 
 def test_ctrl_c_then_resume_ends_where_the_uninterrupted_run_ends(run, data, tmp_path, monkeypatch, capsys):
     reference, _ = run
-    args = ["finetune", str(data), "--model", "test_efficientnet", "--out", str(tmp_path / "run"), "--epochs", "2",
+    args = ["finetune", str(data), "--model", "test_efficientnet", "--weights", "random", "--out", str(tmp_path / "run"), "--epochs", "2",
             "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress"]
     _interrupt_at_epoch(monkeypatch, 2, after=True)  # epoch 2 trained (model and RNG moved on) but not yet checkpointed
     assert main(args) == 130
@@ -479,7 +484,7 @@ def test_test_curve_is_information_that_changes_nothing(data, tmp_path):
 
 
 def test_max_minutes_covers_the_probe_and_no_epoch_starts_past_it(data, tmp_path, capsys):
-    args = ["finetune", str(data), "--model", "test_efficientnet", "--out", str(tmp_path / "run"), "--epochs", "5",
+    args = ["finetune", str(data), "--model", "test_efficientnet", "--weights", "random", "--out", str(tmp_path / "run"), "--epochs", "5",
             "--max-minutes", "0.0001", "--batch-size", "8", "--img-size", "32", "--workers", "0", "--no-progress", "--json"]
     assert main(args) == 0
     out = capsys.readouterr().out

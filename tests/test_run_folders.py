@@ -40,7 +40,7 @@ def data(tmp_path_factory):
 def run(data, tmp_path_factory):
     """A finished 2-epoch fine-tune of test_efficientnet at 32 px."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["finetune", str(data), "--model", "test_efficientnet", "--out", str(out), "--epochs", "2",
+    assert main(["finetune", str(data), "--model", "test_efficientnet", "--weights", "random", "--out", str(out), "--epochs", "2",
                  "--batch-size", "8", "--img-size", "32", *ARGS]) == 0
     return out
 

