@@ -89,16 +89,8 @@ def search_markdown(results: list[dict], table: list[dict], command: str, second
              "Runs, each read under featx finetune's default policy (interpolations 0.25/0.5/0.75, no patience, one-sided "
              "McNemar p < 0.05 after a Bonferroni correction over the candidates, and a lower validation loss):", ""]
     lines += _runs_table(results)
-    lines += ["", "The frozen probe's C, on the frozen head's own cached features: `fit-head --sweep` (a 20% hold-out of every "
-              "training image) against featx finetune's rule (5-fold cross-validation on the run's training part below 2,000 "
-              "images, then a refit with its validation part), both scored on the search-test part:", "",
-              "| regime | fit-head C | its accuracy | featx finetune's probe C | its accuracy | difference (points) |",
-              "|---|---:|---:|---:|---:|---:|"]
-    for res in results:
-        f, own = res["frozen"], res["frozen"].get("own_probe_rule")
-        if own:
-            lines.append(f"| {res['regime']} | {(f.get('C') or {}).get('C', '-')} | {f['accuracy']:.3f} | {own['C']:g} | "
-                         f"{own['accuracy']:.3f} | {100 * (own['accuracy'] - f['accuracy']):+.1f} |")
+    if any(res["frozen"].get("own_probe_rule") for res in results):
+        lines += _probe_rule_table(results)
     lines += ["", "Policies replayed from the same runs: gain over the frozen head in points, mean over the regimes / worst regime / "
               "regimes where a fine-tuned model was kept (a regime above 1,000 training images runs the first variant only, and "
               "counts with it in every column):", "",
@@ -109,3 +101,18 @@ def search_markdown(results: list[dict], table: list[dict], command: str, second
                  for v in variants]
         lines.append(f"| {row['interpolate']} | {row['patience'] or '-'} | {row['rule']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _probe_rule_table(results: list[dict]) -> list[str]:
+    """The frozen probe's C by fit-head's rule against featx finetune's, both on the frozen head's features."""
+    lines = ["", "The frozen probe's C, on the frozen head's own cached features: `fit-head --sweep` (a 20% hold-out of every "
+              "training image) against featx finetune's rule (5-fold cross-validation on the run's training part below 2,000 "
+              "images, then a refit with its validation part), both scored on the search-test part:", "",
+              "| regime | fit-head C | its accuracy | featx finetune's probe C | its accuracy | difference (points) |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for res in results:
+        f, own = res["frozen"], res["frozen"].get("own_probe_rule")
+        if own:
+            lines.append(f"| {res['regime']} | {(f.get('C') or {}).get('C', '-')} | {f['accuracy']:.3f} | {own['C']:g} | "
+                         f"{own['accuracy']:.3f} | {100 * (own['accuracy'] - f['accuracy']):+.1f} |")
+    return lines
