@@ -55,7 +55,7 @@ def packaged_weights(model_name: str) -> str:
 
     if model_name not in PACKAGED_WEIGHTS:
         raise FeatxError(f"no packaged weights for '{model_name}'; 'package' weights exist for {', '.join(PACKAGED_WEIGHTS)}. "
-                         "Pass a checkpoint path, or --pretrained")
+                         "Pass a checkpoint path, or timm's hub weights (--pretrained; NAME=pretrained in compare)")
     package, module, locator = PACKAGED_WEIGHTS[model_name]
     try:
         return getattr(importlib.import_module(module), locator).get_model_file_path()

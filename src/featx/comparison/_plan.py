@@ -55,7 +55,7 @@ def parse_models(config: CompareConfig) -> list[Backbone]:
         if weights == "package":
             packaged_weights(name)  # refused here, before DIR is made, when no package holds this model's weights
         elif weights not in ("pretrained", RANDOM_WEIGHTS) and not Path(weights).is_file():
-            raise FeatxError(f"--model {spec}: checkpoint '{weights}' does not exist (WEIGHTS: {_WEIGHTS})")
+            raise FeatxError(f"--model {spec}: checkpoint '{weights}' does not exist ({_WEIGHTS})")
         key = variant_key(name, config.layers, config.tta)
         if any(b.key == key for b in backbones):
             raise FeatxError(f"--model {name} is given twice; compare other weights of one model in separate output folders")
