@@ -200,31 +200,27 @@ def calibration(args) -> str:
              f"{'' if defaults == (cand, pix) else ': **they differ from the chosen ones, update them**'}). The clean pairs the "
              f"chosen rule accepts are in `benchmarks/audit-calibration-pairs.png`, side by side; it also pairs {other} copies "
              "with an image other than their original.", ""]
-    lines += _variant_lines(d, variants, for_variants, cand, pix)
+    lines += _variant_lines(d, csv_path, variants, for_variants, cand, pix)
     found, clean_n = rules["cosine"][1], rules["cosine"][2]
     lines += ["", "The cosine alone over its grid (the earlier table): " + "; ".join(
         f"{t:.2f}: {c} clean, {f / len(copies):.1%}" for (t,), f, c in zip(rules["cosine"][0], found, clean_n)) + "."]
     return "\n".join(lines)
 
 
-def _variant_lines(d: dict, variants, for_variants, cand: float, pix: float) -> list[str]:
+def _variant_lines(d: dict, csv_path: Path, variants, for_variants, cand: float, pix: float) -> list[str]:
     """Single transformations at fixed strengths: cosine and pixel similarity to their original, and what each rule finds."""
-    from featx.auditing._verify import pixel_signature
-    from PIL import Image
+    from featx.auditing._verify import pixel_similarities
+    from featx.sources import resolve_source
 
-    def signature(path) -> np.ndarray:
-        with Image.open(path) as im:
-            return pixel_signature(im)
-
-    lines = [f"Single transformations at fixed strengths (200 other originals, files 1100-1119; each variant against its "
-             f"original):", "", "| transformation | median cosine | found by the cosine alone | median pixel similarity | "
+    pairs = np.array([(d["index"][str(Path(p).resolve())], d["index"][str(for_variants[i][0].resolve())]) for p, _, i in variants])
+    cos = np.einsum("ij,ij->i", d["Z"][pairs[:, 0]], d["Z"][pairs[:, 1]])
+    pixel = pixel_similarities(resolve_source(csv_path), d["ids"], pairs)
+    names = np.array([n for _, n, _ in variants])
+    lines = ["Single transformations at fixed strengths (200 other originals, files 1100-1119; each variant against its "
+             "original):", "", "| transformation | median cosine | found by the cosine alone | median pixel similarity | "
              "found by the chosen rule |", "|---|---:|---:|---:|---:|"]
-    originals = {i: signature(for_variants[i][0]) for i in range(len(for_variants))}
     for name in VARIANTS:
-        got = [(d["Z"][d["index"][str(Path(p).resolve())]] @ d["Z"][d["index"][str(for_variants[i][0].resolve())]],
-                max(float((signature(p) * originals[i]).sum()), float((signature(p) * originals[i][:, ::-1]).sum())))
-               for p, n, i in variants if n == name]
-        s, px = np.array(got).T
+        s, px = cos[names == name], pixel[names == name]
         strict, two = s >= NEAR_DUPLICATE_COSINE, (s >= NEAR_DUPLICATE_COSINE) | ((s >= cand) & (px >= pix))
         lines.append(f"| {name} | {np.median(s):.3f} | {_rate(int(strict.sum()), len(s))} | {np.median(px):.3f} | "
                      f"{_rate(int(two.sum()), len(s))} |")

@@ -418,7 +418,7 @@ def test_pixels_confirm_a_downscaled_re_encoded_copy_below_the_threshold_and_not
 
 def test_without_a_readable_source_the_cosine_alone_decides_and_one_line_says_so(banded, tmp_path, capsys, caplog):
     _, store = banded
-    rc, out, err = _run(capsys, "audit", store, "--out", tmp_path / "out", "--k", "3", "--folds", "2", "--device", "cpu", "--no-progress")
+    rc, _, err = _run(capsys, "audit", store, "--out", tmp_path / "out", "--k", "3", "--folds", "2", "--device", "cpu", "--no-progress")
     assert rc == 0, err
     said = [r.getMessage() for r in caplog.records if "pixel verification" in r.getMessage()]
     assert said == [f"thumbnails and pixel verification left out: the store records no source; pass --source; near-duplicates by "

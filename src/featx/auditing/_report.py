@@ -8,6 +8,7 @@ from ..statistics import wilson_interval, with_interval
 __all__ = ["audit_dict", "duplicate_rule", "summary_lines", "markdown"]
 
 _DUPLICATE_RULE = "cosine similarity of the embeddings (every tap weighing the same) at or above the threshold"
+_OUTLIER_RULE = "cosine distance to the k-th nearest other image above Q3 + 3 IQR of all images' distances (Tukey's far-out fence)"
 _PIXEL_RULE = ("; or cosine at or above candidate_threshold and pixel similarity at or above pixel_threshold (normalized "
                "cross-correlation of 32 x 32 grayscale images band-passed by a difference of Gaussians, the higher of the "
                "image and its mirror)")
@@ -18,7 +19,6 @@ def duplicate_rule(result) -> str:
     c = result.config
     text = f"cosine >= {c.threshold:g}"
     return text + (f", or >= {c.candidate_threshold:g} with pixel similarity >= {c.pixel_threshold:g}" if result.verified else "")
-_OUTLIER_RULE = "cosine distance to the k-th nearest other image above Q3 + 3 IQR of all images' distances (Tukey's far-out fence)"
 
 
 def _accuracy_text(result) -> str:
