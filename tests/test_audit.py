@@ -15,7 +15,7 @@ from PIL import Image
 from featx import AuditConfig, CompareConfig, ExtractConfig, audit, compare, extract
 from featx.auditing import _labels, _page
 from featx.cli import main
-from featx.configs import NEAR_DUPLICATE_COSINE
+from featx.configs import NEAR_DUPLICATE_COSINE, NEAR_DUPLICATE_PIXELS
 from featx.heads import blocked_top_k, near_duplicate_count, unit_rows
 from featx.splits import stratified_folds
 
@@ -358,3 +358,76 @@ def test_blocked_search_on_cuda_matches_cpu():
     cpu = blocked_top_k(lambda r: X[r], rows, rows, 5, budget_bytes=64 * 4 * 8 * 700, device="cpu")
     gpu = blocked_top_k(lambda r: X[r], rows, rows, 5, budget_bytes=64 * 4 * 8 * 700, device="cuda")
     assert np.allclose(cpu[0], gpu[0], atol=1e-5) and (cpu[1] == gpu[1]).mean() > 0.999
+
+
+def _scene(seed: int, layout: int | None = None) -> Image.Image:
+    """A 32-pixel photograph-like image: smooth noise at three scales (the coarsest from ``layout``, when given)."""
+    from scipy.ndimage import gaussian_filter
+
+    def field(s, sigma):
+        return gaussian_filter(np.random.default_rng(s).normal(size=(32, 32, 3)), (sigma, sigma, 0)) * sigma
+
+    x = field(seed, 1.0) + field(seed + 1, 2.0) + field(seed + 2 if layout is None else layout, 4.0) * (1 if layout is None else 3)
+    return Image.fromarray(((x - x.min()) / (x.max() - x.min()) * 255).astype(np.uint8))
+
+
+@pytest.fixture
+def banded(tmp_path):
+    """Images and a store whose cosines are set: a downscaled, re-encoded, mirrored copy of a test image and two different
+    images of one layout, both pairs at cosine 0.8 (in the candidate band, below the threshold); other rows far apart."""
+    import io
+
+    root = tmp_path / "images"
+    images = {"test/a/0.png": _scene(1), "train/b/0.png": _scene(10, layout=7), "train/b/1.png": _scene(20, layout=7)}
+    small = images["test/a/0.png"].resize((24, 24), Image.BICUBIC).transpose(Image.FLIP_LEFT_RIGHT)
+    buf = io.BytesIO()
+    small.save(buf, format="JPEG", quality=50)
+    images["train/a/copy.jpg"] = Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
+    images.update({f"train/{c}/{i}.png": _scene(100 + 10 * i + 5 * (c == "b")) for c in "ab" for i in range(2, 8)})
+    for name, im in images.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        im.save(root / name)
+    ids = list(images)
+    X = unit_rows(np.random.default_rng(6).normal(size=(len(ids), 256)))
+    for a, b in [(ids.index("test/a/0.png"), ids.index("train/a/copy.jpg")), (ids.index("train/b/0.png"), ids.index("train/b/1.png"))]:
+        other = X[b] - (X[b] @ X[a]) * X[a]
+        X[b] = 0.8 * X[a] + 0.6 * other / np.linalg.norm(other)
+    labels = [0 if name.split("/")[1] == "a" else 1 for name in ids]
+    store = write_store(tmp_path / "band.h5", X, labels, ids, [name.split("/")[0] for name in ids], ["a", "b"])
+    return root, store
+
+
+def test_pixels_confirm_a_downscaled_re_encoded_copy_below_the_threshold_and_not_two_lookalikes(banded, tmp_path):
+    root, store = banded
+    result = audit(store, _config(source=str(root), k=3, folds=2), tmp_path / "out")
+    assert [(p["a"], p["b"], p["found_by"]) for p in result.duplicates] == [("test/a/0.png", "train/a/copy.jpg", "pixels")]
+    pair = result.duplicates[0]
+    assert pair["similarity"] == pytest.approx(0.8, abs=1e-4) and pair["pixel_similarity"] >= NEAR_DUPLICATE_PIXELS
+    assert result.verified == {"candidates": 2, "unreadable": 0, "confirmed": 1}
+    saved = json.loads((tmp_path / "out" / "audit.json").read_text())["near_duplicates"]
+    assert saved["verify"] == "pixels" and saved["pixel_check"]["candidates"] == 2 and saved["pairs"][0]["found_by"] == "pixels"
+    assert "pixel similarity >= 0.82" in (tmp_path / "out" / "audit.md").read_text()
+    from featx.auditing._verify import pixel_similarities
+    from featx.sources import resolve_source
+
+    ids = list(result.rows.ids)
+    lookalikes = pixel_similarities(resolve_source(str(root)), np.array(ids), np.array([[ids.index("train/b/0.png"), ids.index("train/b/1.png")]]))
+    assert lookalikes[0] < NEAR_DUPLICATE_PIXELS - 0.1  # one layout, other detail: not a copy
+    assert audit(store, _config(source=str(root), k=3, folds=2, verify="none"), tmp_path / "none").duplicates == []
+
+
+def test_without_a_readable_source_the_cosine_alone_decides_and_one_line_says_so(banded, tmp_path, capsys, caplog):
+    _, store = banded
+    rc, _, err = _run(capsys, "audit", store, "--out", tmp_path / "out", "--k", "3", "--folds", "2", "--device", "cpu", "--no-progress")
+    assert rc == 0, err
+    said = [r.getMessage() for r in caplog.records if "pixel verification" in r.getMessage()]
+    assert said == [f"thumbnails and pixel verification left out: the store records no source; pass --source; near-duplicates by "
+                    f"cosine >= {NEAR_DUPLICATE_COSINE:g} alone"]
+    saved = json.loads((tmp_path / "out" / "audit.json").read_text())["near_duplicates"]
+    assert saved["n_pairs"] == 0 and saved["verify"] == "none" and saved["pixel_threshold"] is None
+    with pytest.raises(SystemExit):
+        main(["audit", str(store), "--out", str(tmp_path / "x"), "--verify", "pixls"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("featx audit: error: argument --verify: invalid choice: 'pixls'")
+    rc, _, err = _run(capsys, "audit", store, "--out", tmp_path / "x", "--pixel-threshold", "2")
+    assert rc == 2 and "Traceback" not in err and "--pixel-threshold" in err.strip().splitlines()[-1]

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field, replace
 from .errors import FeatxError
 
 __all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "ExportConfig", "DemoConfig", "CompareConfig", "parse_freeze",
-           "parse_alphas", "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE"]
+           "parse_alphas", "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE",
+           "NEAR_DUPLICATE_CANDIDATE_COSINE", "NEAR_DUPLICATE_PIXELS"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
 FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
@@ -254,6 +255,11 @@ class FinetuneConfig:
 # copies of 500 of them, EfficientNet-Lite0 features: the lowest of 0.80, 0.81, ... giving at most 2 pairs among the
 # clean images (91% of the copies found there); its benchmark reports on other images.
 NEAR_DUPLICATE_COSINE = 0.88
+# featx audit's second stage (--verify pixels): pairs at or above this cosine are candidates, near-duplicates when their
+# images' pixel similarity (featx.auditing._verify) reaches NEAR_DUPLICATE_PIXELS. Chosen together in the same section, on
+# the same images: the most copies found with at most 4 pairs among the 3,000 clean images (the cosine alone: 0.88 still).
+NEAR_DUPLICATE_CANDIDATE_COSINE = 0.70
+NEAR_DUPLICATE_PIXELS = 0.82
 
 
 @dataclass
@@ -263,6 +269,9 @@ class AuditConfig:
     model: str | None = None  # group key in the store (default: its only one)
     source: str | None = None  # where the thumbnails come from (default: the source the store recorded)
     threshold: float = NEAR_DUPLICATE_COSINE  # cosine similarity at or above which two images are near-duplicates
+    verify: str = "pixels"  # pixels: candidates below the threshold confirmed by their images | none: the cosine alone
+    candidate_threshold: float = NEAR_DUPLICATE_CANDIDATE_COSINE  # cosine at or above which a pair's images are compared
+    pixel_threshold: float = NEAR_DUPLICATE_PIXELS  # pixel similarity at or above which a candidate is a near-duplicate
     k: int = 10  # neighbours searched per image: near-duplicates among them; outlier score: distance to the k-th
     folds: int = 5  # folds of the out-of-fold probabilities on the training split
     top: int = 50  # findings per check shown in audit.md and audit.html (audit.json holds them all)

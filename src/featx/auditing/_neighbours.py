@@ -2,19 +2,21 @@
 
 One search of every row against every row (in blocks, within a memory budget) gives each image's ``k``
 nearest neighbours: the pairs at or above the cosine threshold are near-duplicates, the ``k``-th
-neighbour's distance is the any-class outlier score. A second search within each class gives the
+neighbour's distance is the any-class outlier score. With pixel verification (``_verify``), pairs in a band
+below the threshold are candidates that their images may confirm. A second search within each class gives the
 same-class score.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..store import FeatureStore
 
-__all__ = ["Rows", "Neighbours", "reader", "search", "near_duplicate_pairs", "outlier_scores"]
+__all__ = ["Rows", "Neighbours", "PixelRule", "reader", "search", "candidate_pairs", "near_duplicate_pairs", "outlier_scores"]
 
 
 @dataclass
@@ -63,26 +65,57 @@ def search(read, query_rows: np.ndarray, reference_rows: np.ndarray, k: int, *, 
     return Neighbours(sims, rows)
 
 
-def near_duplicate_pairs(neighbours: Neighbours, rows: Rows, threshold: float) -> tuple[list[dict], int]:
-    """(pairs, rows whose k-th neighbour is still a near-duplicate): every pair at or above ``threshold`` once, with
-    both ids, splits and labels, most similar first. A row with more near-duplicates than ``k`` lists ``k`` of them."""
-    a, j = np.nonzero(neighbours.similarity >= threshold)
+@dataclass
+class PixelRule:
+    """The second stage of the near-duplicate check: candidates in the band [candidate, threshold) of cosine similarity
+    are near-duplicates when their images' pixel similarity (``_verify``) is at or above ``pixel_threshold``."""
+
+    candidate: float  # cosine at or above which a pair is a candidate
+    pixel_threshold: float  # pixel similarity at or above which a candidate is a near-duplicate
+    similarities: Callable[[np.ndarray], np.ndarray]  # [m, 2] row pairs -> [m] pixel similarity (NaN: an image unreadable)
+
+
+def candidate_pairs(neighbours: Neighbours, lowest: float) -> tuple[np.ndarray, np.ndarray]:
+    """([m, 2] row numbers (lower first), [m] cosine): every pair among the neighbours at or above ``lowest`` once."""
+    a, j = np.nonzero(neighbours.similarity >= lowest)
     b = neighbours.rows[a, j]
     keep = b >= 0
     lo, hi = np.minimum(a[keep], b[keep]), np.maximum(a[keep], b[keep])
     sims = neighbours.similarity[a[keep], j[keep]]
-    pairs, first = np.unique(np.stack([lo, hi], 1), axis=0, return_index=True) if len(lo) else (np.empty((0, 2), int), [])
-    sims = sims[first] if len(lo) else sims
-    order = np.argsort(-sims, kind="stable")
+    if not len(lo):
+        return np.empty((0, 2), np.int64), np.empty(0, np.float32)
+    pairs, first = np.unique(np.stack([lo, hi], 1), axis=0, return_index=True)
+    return pairs, sims[first]
+
+
+def near_duplicate_pairs(neighbours: Neighbours, rows: Rows, threshold: float, pixels: PixelRule | None = None) -> tuple[list[dict], int, dict]:
+    """(pairs, rows whose k-th neighbour is still a near-duplicate, what the pixels checked): every pair at or above
+    ``threshold`` once, and with ``pixels`` every candidate its images confirm, with both ids, splits and labels, its
+    cosine, its pixel similarity (None: not checked) and how it was found, most similar first. A row with more
+    near-duplicates than ``k`` lists ``k`` of them."""
+    lowest = threshold if pixels is None else min(threshold, pixels.candidate)
+    pairs, sims = candidate_pairs(neighbours, lowest)
+    strict = sims >= threshold
+    pixel = np.full(len(pairs), np.nan)
+    checked = {"candidates": int((~strict).sum()) if pixels else 0, "unreadable": 0, "confirmed": 0}
+    if pixels is not None and (~strict).any():
+        pixel[~strict] = pixels.similarities(pairs[~strict])
+        checked["unreadable"] = int(np.isnan(pixel[~strict]).sum())
+    confirmed = ~strict & (pixel >= (pixels.pixel_threshold if pixels else np.inf))
+    checked["confirmed"] = int(confirmed.sum())
+    keep = np.flatnonzero(strict | confirmed)
     out = []
-    for (i, m), s in zip(pairs[order], sims[order]):
+    for n in keep[np.argsort(-sims[keep], kind="stable")]:
+        i, m = (int(v) for v in pairs[n])
         same_bytes = rows.digests is not None and rows.digests[i] != b"" and rows.digests[i] == rows.digests[m]
-        out.append({"a": str(rows.ids[i]), "b": str(rows.ids[m]), "a_row": int(i), "b_row": int(m),
+        out.append({"a": str(rows.ids[i]), "b": str(rows.ids[m]), "a_row": i, "b_row": m,
                     "a_split": str(rows.splits[i]), "b_split": str(rows.splits[m]),
-                    "a_label": rows.label_name(i), "b_label": rows.label_name(m), "similarity": round(float(s), 5),
+                    "a_label": rows.label_name(i), "b_label": rows.label_name(m), "similarity": round(float(sims[n]), 5),
+                    "pixel_similarity": None if np.isnan(pixel[n]) else round(float(pixel[n]), 5),
+                    "found_by": "cosine" if strict[n] else "pixels",
                     "across_splits": bool(rows.splits[i] != rows.splits[m]), "identical_bytes": bool(same_bytes)})
     saturated = int((neighbours.similarity[:, -1] >= threshold).sum()) if neighbours.similarity.shape[1] else 0
-    return out, saturated
+    return out, saturated, checked
 
 
 def outlier_scores(read, rows: Rows, neighbours: Neighbours, k: int, *, budget_bytes: int, device: str) -> tuple[np.ndarray, np.ndarray, list[str]]:

@@ -103,13 +103,19 @@ def _e(v) -> str:
     return html.escape("" if v is None else str(v))
 
 
+def _pixels(p: dict) -> str:
+    return "" if p["pixel_similarity"] is None else f' pixels {p["pixel_similarity"]:.3f}'
+
+
 def _duplicates(result, thumbs: _Thumbnails) -> list[str]:
+    from ._report import duplicate_rule
+
     pairs = sorted(result.duplicates, key=lambda p: (not p["across_splits"], -p["similarity"]))[: result.config.top]
     cards = [f'<div class="card dup"><div class="pair">{thumbs.img(p["a_row"], p["a"])}{thumbs.img(p["b_row"], p["b"])}</div>'
-             f'<b>{p["similarity"]:.4f}</b>{" (same bytes)" if p["identical_bytes"] else ""}'
+             f'<b>{p["similarity"]:.4f}</b>{_pixels(p)}{" (same bytes)" if p["identical_bytes"] else ""}'
              f'<div class="id">{_e(p["a"])} ({_e(p["a_split"])}, {_e(p["a_label"])})</div>'
              f'<div class="id">{_e(p["b"])} ({_e(p["b_split"])}, {_e(p["b_label"])})</div></div>' for p in pairs]
-    head = (f"<h2>Near-duplicates: {len(result.duplicates)} pairs at cosine &ge; {result.config.threshold:g}, "
+    head = (f"<h2>Near-duplicates: {len(result.duplicates)} pairs at {_e(duplicate_rule(result))}, "
             f"{sum(p['across_splits'] for p in result.duplicates)} across splits</h2>")
     return [head, f'<div class="grid">{"".join(cards)}</div>' if cards else "<p>None.</p>"]
 

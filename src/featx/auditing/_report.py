@@ -5,10 +5,20 @@ from __future__ import annotations
 from ..provenance import provenance
 from ..statistics import wilson_interval, with_interval
 
-__all__ = ["audit_dict", "summary_lines", "markdown"]
+__all__ = ["audit_dict", "duplicate_rule", "summary_lines", "markdown"]
 
 _DUPLICATE_RULE = "cosine similarity of the embeddings (every tap weighing the same) at or above the threshold"
 _OUTLIER_RULE = "cosine distance to the k-th nearest other image above Q3 + 3 IQR of all images' distances (Tukey's far-out fence)"
+_PIXEL_RULE = ("; or cosine at or above candidate_threshold and pixel similarity at or above pixel_threshold (normalized "
+               "cross-correlation of 32 x 32 grayscale images band-passed by a difference of Gaussians, the higher of the "
+               "image and its mirror)")
+
+
+def duplicate_rule(result) -> str:
+    """The near-duplicate rule in one line, with its thresholds."""
+    c = result.config
+    text = f"cosine >= {c.threshold:g}"
+    return text + (f", or >= {c.candidate_threshold:g} with pixel similarity >= {c.pixel_threshold:g}" if result.verified else "")
 
 
 def _accuracy_text(result) -> str:
@@ -25,7 +35,11 @@ def audit_dict(result) -> dict:
         "weights_sha256": attrs.get("weights_sha256"), "image_list_sha256": attrs.get("image_list_sha256"),
         "n_images": len(result.rows), "taps": len(result.rows.blocks or [None]), "splits": {"train": result.train_split, "test": result.test_split},
         "notes": result.notes, "seconds": result.seconds,
-        "near_duplicates": {"threshold": c.threshold, "k": c.k, "rule": _DUPLICATE_RULE, "n_pairs": len(result.duplicates),
+        "near_duplicates": {"threshold": c.threshold, "k": c.k, "rule": _DUPLICATE_RULE + (_PIXEL_RULE if result.verified else ""),
+                            "verify": "pixels" if result.verified else "none",
+                            "candidate_threshold": c.candidate_threshold if result.verified else None,
+                            "pixel_threshold": c.pixel_threshold if result.verified else None,
+                            "pixel_check": result.verified or None, "n_pairs": len(result.duplicates),
                             "n_across_splits": sum(p["across_splits"] for p in result.duplicates),
                             "images_with_k_or_more": result.saturated, **result.cross_counts(), "pairs": result.duplicates},
         "outliers": {"k": c.k, "rule": _OUTLIER_RULE, "fence": result.fence, "flagged": result.outliers()},
@@ -48,7 +62,7 @@ def summary_lines(result) -> list[str]:
     cross = result.cross_counts()
     lines = [f"Audit of '{result.key}' ({len(result.rows)} images) in '{result.features}':"]
     across = sum(p["across_splits"] for p in result.duplicates)
-    lines.append(f"  near-duplicates (cosine >= {c.threshold:g}): {len(result.duplicates)} pairs, {across} across splits"
+    lines.append(f"  near-duplicates ({duplicate_rule(result)}): {len(result.duplicates)} pairs, {across} across splits"
                  + (f"; {cross['test_rows_with_training_duplicate']} '{result.test_split}' images have one in '{result.train_split}'"
                     if result.test_split else ""))
     if lc.skipped:
@@ -76,11 +90,12 @@ def markdown(result) -> str:
     c, lc = result.config, result.labels
     top = c.top
     lines = ["# Audit", "", *[f"- {line.strip()}" for line in summary_lines(result)[1:] if not line.startswith("Wrote")], ""]
-    lines += [f"## Near-duplicates (cosine >= {c.threshold:g})", ""]
+    lines += [f"## Near-duplicates ({duplicate_rule(result)})", ""]
     pairs = sorted(result.duplicates, key=lambda p: (not p["across_splits"], -p["similarity"]))[:top]
-    lines += _table(["similarity", "a", "split", "label", "b", "split", "label", "same bytes"],
+    lines += _table(["similarity", "a", "split", "label", "b", "split", "label", "same bytes", "pixels"],
                     [[f"{p['similarity']:.4f}", p["a"], p["a_split"], p["a_label"] or "", p["b"], p["b_split"], p["b_label"] or "",
-                      "yes" if p["identical_bytes"] else ""] for p in pairs]) if pairs else ["None."]
+                      "yes" if p["identical_bytes"] else "", "" if p["pixel_similarity"] is None else f"{p['pixel_similarity']:.3f}"]
+                     for p in pairs]) if pairs else ["None."]
     lines += ["", "## Likely label errors", ""]
     if lc.skipped:
         lines.append(f"Skipped: {lc.skipped}.")

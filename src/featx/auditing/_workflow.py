@@ -23,7 +23,8 @@ from ..splits import choose_splits
 from ..store import FeatureStore
 from ._labels import LabelCheck, confusable_pairs, label_issues, label_rows, out_of_fold_probabilities
 from ._page import open_thumbnail_source, write_outputs
-from ._neighbours import Rows, near_duplicate_pairs, outlier_scores, reader, search
+from ._neighbours import PixelRule, Rows, near_duplicate_pairs, outlier_scores, reader, search
+from ._verify import fallback_note, pixel_similarities
 
 __all__ = ["AuditResult", "audit"]
 
@@ -45,6 +46,7 @@ class AuditResult:
     test_split: str | None
     config: AuditConfig
     duplicates: list[dict]
+    verified: dict  # the pixel stage: candidates compared, unreadable, confirmed; {} when the cosine alone decided
     saturated: int  # rows whose k-th neighbour is still a near-duplicate (more copies than listed)
     any_class: np.ndarray  # [n] cosine distance to the k-th nearest other image
     same_class: np.ndarray  # [n] the same within the image's class (NaN where undefined)
@@ -104,7 +106,9 @@ def audit(features: str | os.PathLike, config: AuditConfig, out: str | os.PathLi
         raise FeatxError(f"--out '{out}' is a file; pass a folder for the audit")
     with FeatureStore(features) as store, showing_progress(config.progress):
         src, note = open_thumbnail_source(config.source, store.attrs(config.model).get("source"), Path(features))
-        result = _run(store, features, config, out)
+        if src is None and config.verify == "pixels":
+            note = fallback_note(note, config.threshold)
+        result = _run(store, features, config, out, src if config.verify == "pixels" else None)
     write_outputs(result, src, note)
     return result
 
@@ -116,9 +120,14 @@ def _check(config: AuditConfig) -> None:
         raise FeatxError(f"--k and --top must be at least 1, got {config.k} and {config.top}")
     if config.folds < 2:
         raise FeatxError(f"--folds must be at least 2, got {config.folds}")
+    if config.verify not in ("pixels", "none"):
+        raise FeatxError(f"--verify is pixels or none, got '{config.verify}'")
+    if not 0 < config.candidate_threshold <= 1 or not -1 <= config.pixel_threshold <= 1:
+        raise FeatxError(f"--candidate-threshold is a cosine in (0, 1] and --pixel-threshold a correlation in [-1, 1], got "
+                         f"{config.candidate_threshold} and {config.pixel_threshold}")
 
 
-def _run(store: FeatureStore, features, config: AuditConfig, out: Path) -> AuditResult:
+def _run(store: FeatureStore, features, config: AuditConfig, out: Path, src) -> AuditResult:
     from ..fitting._plan import memory_budget
 
     key = store.resolve_key(config.model)
@@ -136,9 +145,16 @@ def _run(store: FeatureStore, features, config: AuditConfig, out: Path) -> Audit
     if k < config.k:
         notes.append(f"only {len(rows)} images: each is compared with its {k} nearest (--k {config.k} asks for more)")
     neighbours = search(read, every, every, k, budget_bytes=budget, device=config.device)
-    duplicates, saturated = near_duplicate_pairs(neighbours, rows, config.threshold)
     any_class, same_class, small = outlier_scores(read, rows, neighbours, k, budget_bytes=budget, device=config.device)
     seconds["neighbours"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    pixels = None if src is None else PixelRule(config.candidate_threshold, config.pixel_threshold,
+                                                lambda pairs: pixel_similarities(src, rows.ids, pairs))
+    duplicates, saturated, verified = near_duplicate_pairs(neighbours, rows, config.threshold, pixels)
+    seconds["pixels"] = time.perf_counter() - t0
+    if verified["unreadable"]:
+        notes.append(f"{verified['unreadable']} of {verified['candidates']} candidate pairs were not verified: an image is not in the "
+                     "source or cannot be read (pass --source)")
     if small:
         notes.append(f"classes with {k} images or fewer have no same-class outlier distance (k={k}): {', '.join(small)}")
     if saturated:
@@ -155,8 +171,9 @@ def _run(store: FeatureStore, features, config: AuditConfig, out: Path) -> Audit
     for note in notes:
         _logger.warning("%s", note)
     return AuditResult(out=out, features=str(Path(features).resolve()), key=key, attrs=store.attrs(key), rows=rows, train_split=train_split,
-                       test_split=test_split, config=config, duplicates=duplicates, saturated=saturated, any_class=any_class,
-                       same_class=same_class, fence=_fence(any_class), labels=labels, notes=notes, seconds=seconds)
+                       test_split=test_split, config=config, duplicates=duplicates, verified=verified if src is not None else {},
+                       saturated=saturated, any_class=any_class, same_class=same_class, fence=_fence(any_class), labels=labels,
+                       notes=notes, seconds=seconds)
 
 
 def _rows(store: FeatureStore, key: str) -> Rows:

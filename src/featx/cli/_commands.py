@@ -377,7 +377,7 @@ def cmd_info(args) -> int:
 def add_audit(sub) -> None:
     p = sub.add_parser("audit", help="what is wrong with the data: near-duplicates, likely label errors, outliers, confusable classes",
                        description="Audit a group of a feature store from its embeddings: near-duplicate pairs within and across splits "
-                                   "(cosine similarity at or above a threshold), likely label errors (cleanlab on out-of-fold "
+                                   "(cosine similarity at or above a threshold, or in a band below it and confirmed by the images' pixels), likely label errors (cleanlab on out-of-fold "
                                    "probabilities of the swept logistic regression, k-fold on the training split), outliers (distance to "
                                    "the k-th neighbour of any class and of the same class) and confusable class pairs. Writes "
                                    "audit.json, audit.md and audit.html (one static page with thumbnails) to DIR.")
@@ -388,6 +388,13 @@ def add_audit(sub) -> None:
                help="where the thumbnails come from (default: the source the store recorded at extraction)")
     add_option(p, AuditConfig, "--threshold", type=positive_number, metavar="COSINE",
                help="cosine similarity at or above which two images are near-duplicates")
+    add_option(p, AuditConfig, "--verify", choices=["pixels", "none"],
+               help="pixels: pairs below --threshold but at or above --candidate-threshold are near-duplicates when their images "
+                    "match pixel by pixel (read from the source; without one, the cosine alone) | none: the cosine alone")
+    add_option(p, AuditConfig, "--candidate-threshold", type=positive_number, metavar="COSINE",
+               help="cosine at or above which a pair's images are compared (--verify pixels)")
+    add_option(p, AuditConfig, "--pixel-threshold", type=float, metavar="NCC",
+               help="pixel similarity (correlation of band-passed 32-px grayscale images, or their mirror) confirming a candidate")
     add_option(p, AuditConfig, "--k", type=positive_int, metavar="K",
                help="neighbours searched per image: near-duplicates listed among them; outlier score: distance to the k-th")
     add_option(p, AuditConfig, "--folds", type=positive_int, metavar="N", help="folds of the out-of-fold probabilities")
