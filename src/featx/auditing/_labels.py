@@ -1,6 +1,6 @@
 """Likely label errors and confusable classes, from out-of-fold probabilities of featx's swept logistic regression.
 
-Every training row gets its class probabilities from a model fitted (and swept) on the other folds, never
+Every training row gets its class probabilities from a model fitted on the other folds (its C chosen by validation log-loss), never
 on itself; cleanlab's ``find_label_issues`` ranks the rows whose given label those probabilities doubt
 (featx does not re-implement it), and the out-of-fold confusion names the class pairs the features mix up.
 """
@@ -13,7 +13,7 @@ import numpy as np
 
 from ..splits import stratified_folds
 
-__all__ = ["LabelCheck", "out_of_fold_probabilities", "label_issues", "confusable_pairs", "label_rows"]
+__all__ = ["LabelCheck", "out_of_fold_probabilities", "probability_head", "label_issues", "confusable_pairs", "label_rows"]
 
 
 @dataclass
@@ -49,19 +49,39 @@ def label_rows(labels: np.ndarray, train_rows: np.ndarray, class_names: list[str
 
 
 def out_of_fold_probabilities(X: np.ndarray, y: np.ndarray, *, folds: int, seed: int, device: str) -> tuple[np.ndarray, list[float]]:
-    """([n, K] probabilities of classes 0..K-1, C chosen per fold): for every fold, featx's logistic regression swept
-    on a validation part of the other folds, refitted on them, predicts the held-out fold."""
-    from ..heads import full_scores, grid_of, make_head, sweep
+    """([n, K] probabilities of classes 0..K-1, C chosen per fold): for every fold, featx's logistic regression with its C
+    chosen on a validation part of the other folds (:func:`probability_head`), refitted on them, predicts the held-out fold."""
+    from ..heads import full_scores
 
     n_classes = int(y.max()) + 1
     probs, chosen = np.full((len(y), n_classes), np.nan), []
     for train, held in stratified_folds(y, folds, seed):
-        pipeline = make_head("logreg", random_state=seed, device=device)
-        fitted, result = sweep(pipeline, X[train], y[train], grid_of("logreg"), random_state=seed)
+        fitted, C = probability_head(X[train], y[train], seed=seed, device=device)
         probs[held] = full_scores(fitted, X[held], n_classes)
-        chosen.append(float(result.best["C"]))
+        chosen.append(C)
     assert np.isfinite(probs).all(), "every row is held out by exactly one fold"
     return probs, chosen
+
+
+def probability_head(X: np.ndarray, y: np.ndarray, *, seed: int, device: str):
+    """(featx's logistic regression refitted on every row, its C): the C of the grid whose probabilities have the lowest
+    log-loss on the sweep's validation rows. cleanlab ranks by the probabilities, so C is chosen for them, not for the
+    accuracy the sweep chooses by (where many C tie and the one chosen may be weakly regularised and overconfident)."""
+    from sklearn.base import clone
+    from sklearn.metrics import log_loss
+
+    from ..heads import grid_of, make_head
+    from ..heads._sweep import validation_split
+
+    grid = grid_of("logreg")
+    pipeline = make_head("logreg", random_state=seed, device=device)
+    fit, val = validation_split(y, 0.2, seed)
+    pre = clone(pipeline[:-1]).fit(X[fit], y[fit])
+    heads = clone(pipeline[-1]).fit_grid(pre.transform(X[fit]), y[fit], grid)
+    Z_val = pre.transform(X[val])
+    losses = [log_loss(y[val], head.predict_proba(Z_val), labels=head.classes_) for head in heads]
+    C = float(grid[int(np.argmin(losses))]["C"])
+    return clone(pipeline).set_params(head__C=C).fit(X, y), C
 
 
 def label_issues(y: np.ndarray, probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
