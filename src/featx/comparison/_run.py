@@ -47,13 +47,14 @@ class CompareResult:
     plan: str  # the one-line plan printed at the start
     done: dict = field(default_factory=dict)  # {'extracted': n, 'cached_groups': n, 'fitted': n, 'cached_heads': n, ...}
     near_duplicates: int = 0  # test images with a near-duplicate among the training images (as fit-head counts them)
+    features: str | None = None  # the store the rows were fitted on
 
     def to_dict(self) -> dict:
         return {"out": str(self.out), "plan": self.plan, "done": self.done, "n_train_test_near_duplicates": self.near_duplicates,
                 **self.leaderboard.to_dict()}
 
     def summary(self) -> str:
-        note = f"\n{near_duplicates_line(self.near_duplicates, self.leaderboard.test['n'])}" if self.near_duplicates else ""
+        note = f"\n{near_duplicates_line(self.near_duplicates, self.leaderboard.test['n'], self.features)}" if self.near_duplicates else ""
         return (self.leaderboard.markdown() + f"\n\n{self.leaderboard.summary}"
                 + f"\nWrote {', '.join(str(p) for p in self.leaderboard.paths)}." + note)
 
@@ -94,7 +95,8 @@ def compare(source: str | os.PathLike | ImageSource, config: CompareConfig, out:
                               earlier=[f"{r['backbone']} + {r['head']}" for r, _ in earlier])
     leaderboard.write(out)
     steps.done["seconds"] = time.perf_counter() - t0
-    return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done, near_duplicates=steps.near_duplicates)
+    return CompareResult(out=out, leaderboard=leaderboard, plan=plan, done=steps.done, near_duplicates=steps.near_duplicates,
+                         features=str(store))
 
 
 def _store_groups(store: Path) -> list[str]:
