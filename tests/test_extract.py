@@ -243,3 +243,14 @@ def test_ctrl_c_gives_one_line_exit_130_and_resumes(tmp_path, many_images, capsy
     rc, summary, _ = _run(capsys, *args)
     assert rc == 0 and "resumed at image" in summary
     _assert_matches(out, ref)
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_a_model_that_widens_after_pooling_stores_the_width_it_embeds(image_folder, tmp_path, runtime):
+    # MobileNetV3's head conv comes after the pooling: 1024 features from 576 channels (it failed writing the first batch)
+    pytest.importorskip("onnxruntime") if runtime == "onnx" else None
+    out = tmp_path / "m.h5"
+    extract(str(image_folder), ExtractConfig(model="mobilenetv3_small_050", weights="random", img_size=32, workers=0,
+                                             progress=False, runtime=runtime), out)
+    model = timm.create_model("mobilenetv3_small_050", num_classes=0)
+    assert load_features(out).X.shape == (12, model.head_hidden_size) and model.head_hidden_size != model.num_features

@@ -85,7 +85,7 @@ def _tap_dims(model: torch.nn.Module, index: dict) -> dict:
     """Width of every tap, from one forward of a blank image at the model's input size."""
     from timm.data import resolve_model_data_config
 
-    dims = {n: int(model.num_features) for n, i in index.items() if i is None}
+    dims = {n: int(getattr(model, "head_hidden_size", None) or model.num_features) for n, i in index.items() if i is None}  # after a pooled head conv (MobileNetV3)
     taps = [n for n, i in index.items() if i is not None]
     if taps:
         size = resolve_model_data_config(model)["input_size"]
