@@ -31,10 +31,11 @@ def cifar10_dir(tar: str | Path = CIFAR_TAR) -> Path:
         if (folder / "train").is_dir() and (folder / "test").is_dir():
             return folder
     root = CACHE / "cifar10-jpeg"
-    if not (root / "test").is_dir():
-        if not Path(tar).is_file():
-            raise SystemExit(f"CIFAR-10 archive not found at {tar}; pass --cifar-tar ARCHIVE (cifar10-jpeg.tar.gz) or "
-                             "--cifar-tar FOLDER (its unpacked train/ and test/)")
+    cached = (root / "test").is_dir()
+    if not Path(tar).is_file() and not (cached and Path(tar) == Path(CIFAR_TAR)):  # a wrong path given is said, not ignored
+        raise SystemExit(f"CIFAR-10 archive not found at {tar}; pass --cifar-tar ARCHIVE (cifar10-jpeg.tar.gz) or "
+                         "--cifar-tar FOLDER (its unpacked train/ and test/)")
+    if not cached:
         CACHE.mkdir(parents=True, exist_ok=True)
         with tarfile.open(tar) as t:
             t.extractall(CACHE, filter="data")

@@ -53,7 +53,7 @@ def test_rows_within_noise_of_the_recommended_one_are_all_tied_and_a_clearly_bet
 def split_store(tmp_path_factory):
     """Digits embeddings (tiny random backbone) with an explicit test split: the last 360 rows."""
     out = tmp_path_factory.mktemp("recommend") / "digits.h5"
-    extract("digits", ExtractConfig(model="test_resnet", img_size=32, workers=0, batch_size=256, progress=False), out)
+    extract("digits", ExtractConfig(model="test_resnet", weights="random", img_size=32, workers=0, batch_size=256, progress=False), out)
     with h5py.File(out, "r+") as f:
         g = f["test_resnet"]
         g.attrs["split_names"] = json.dumps(["train", "test"])
