@@ -431,3 +431,12 @@ def test_without_a_readable_source_the_cosine_alone_decides_and_one_line_says_so
     assert err[-1].startswith("featx audit: error: argument --verify: invalid choice: 'pixls'")
     rc, _, err = _run(capsys, "audit", store, "--out", tmp_path / "x", "--pixel-threshold", "2")
     assert rc == 2 and "Traceback" not in err and "--pixel-threshold" in err.strip().splitlines()[-1]
+
+
+def test_a_majority_of_near_duplicates_is_said_to_be_beyond_what_the_cosine_can_tell():
+    # digits' 8-pixel images, enlarged for an ImageNet backbone, are all within cosine 0.88 of one another
+    from featx.fitting import near_duplicates_line
+
+    assert "inflates the score" in near_duplicates_line(4, 100, "f.h5")
+    line = near_duplicates_line(360, 360, "f.h5")
+    assert "cannot tell copies from look-alikes" in line and "featx audit f.h5" in line and "inflates" not in line

@@ -93,6 +93,9 @@ def _tied(sweep: dict) -> str:
 
 def near_duplicates_line(n: int, n_test: int, features: str | None = None) -> str:
     command = shell_command("featx", "audit", features or "FEATURES.h5", "--out", "DIR")
+    if 2 * n > n_test:  # most images: on these features the cosine cannot tell copies from look-alikes (e.g. 8-px digits)
+        return (f"Note: {n} of the {n_test} test images are at cosine >= {NEAR_DUPLICATE_COSINE:g} from a training image: on these "
+                f"features the cosine alone cannot tell copies from look-alikes; '{command}' checks the candidates' pixels.")
     return (f"Note: {n} of the {n_test} test images have a near-duplicate among the training images (cosine >= "
             f"{NEAR_DUPLICATE_COSINE:g}), which inflates the score; see them with '{command}'.")
 
