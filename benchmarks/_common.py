@@ -43,7 +43,11 @@ def cifar10_dir(tar: str | Path = CIFAR_TAR) -> Path:
 
 
 def command_line() -> str:
-    return "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0]).relative_to(HERE.parent)) if Path(sys.argv[0]).is_absolute() else sys.argv[0], *sys.argv[1:]])
+    """The command that is running, the script relative to the checkout (as a user types it there)."""
+    script = Path(sys.argv[0])
+    if script.is_absolute() and script.is_relative_to(HERE.parent):
+        script = script.relative_to(HERE.parent)
+    return "python " + " ".join(shlex.quote(a) for a in [str(script), *sys.argv[1:]])
 
 
 def write_section(name: str, markdown: str, results: Path = RESULTS) -> None:

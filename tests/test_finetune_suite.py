@@ -102,5 +102,5 @@ def test_the_scaled_down_suite_runs_end_to_end(lite0_weights, tmp_path, monkeypa
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| digits |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "4 / 2 / 50" and "(" in cells[2] and cells[6].startswith(("frozen probe", "epoch"))
+    assert cells[1] == "40 / 20 / 50"  # 6 per class, a third of each validates and "(" in cells[2] and cells[6].startswith(("frozen probe", "epoch"))
     assert "only 1 of the suite's 10 regimes ran" in text
