@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 import shlex
+import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -58,3 +60,21 @@ def write_section(name: str, markdown: str, results: Path = RESULTS) -> None:
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
     text = pattern.sub(lambda _: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
     results.write_text(text)
+
+
+def run_watching_memory(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
+    """Run ``cmd``; (completed process, its peak resident memory in kB as the kernel's VmHWM of the child's own image)."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        peak = 0
+        while child.poll() is None:
+            try:
+                status = Path(f"/proc/{child.pid}/status").read_text()
+                peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))))
+            except (OSError, StopIteration, ValueError):
+                pass
+            time.sleep(0.05)
+        out.seek(0), err.seek(0)
+        return subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read()), peak

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -14,7 +13,7 @@ import h5py
 import numpy as np
 import torch
 
-from _common import CACHE, cifar10_dir, command_line, lite0_weights
+from _common import CACHE, cifar10_dir, command_line, lite0_weights, run_watching_memory
 
 from featx import ExtractConfig, extract, load_features
 from featx.device import resolve_device
@@ -90,7 +89,7 @@ def large_store(args) -> str:
         if head == "torch-linear":
             cmd += ["--param", "max_epochs=3"]
         t0 = time.perf_counter()
-        proc, peak_kb = _run_watching_memory(cmd)
+        proc, peak_kb = run_watching_memory(cmd)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr)
         result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -109,24 +108,6 @@ def large_store(args) -> str:
         lines.append(f"| {r['head']} | {'yes' if r['streamed'] else 'no'} | {r['peak_gb']:.2f} | {r['peak_gb'] / size:.2f} | "
                      f"{r['accuracy']:.4f} | {r['seconds']:.0f} |")
     return "\n".join(lines)
-
-
-def _run_watching_memory(cmd: list[str]) -> tuple[subprocess.CompletedProcess, int]:
-    """Run ``cmd``; (completed process, its peak resident memory in kB as the kernel's VmHWM of the child's own image)."""
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        child = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        peak = 0
-        while child.poll() is None:
-            try:
-                status = Path(f"/proc/{child.pid}/status").read_text()
-                peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))))
-            except (OSError, StopIteration, ValueError):
-                pass
-            time.sleep(0.05)
-        out.seek(0), err.seek(0)
-        return subprocess.CompletedProcess(cmd, child.returncode, out.read(), err.read()), peak
 
 
 def _write_synthetic(path: Path, rows: int, dim: int, classes: int, seed: int, block: int = 65536) -> None:

@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import CACHE, HERE, cifar10_dir, command_line, lite0_weights, write_section  # noqa: E402
+from _common import CACHE, HERE, cifar10_dir, command_line, lite0_weights, run_watching_memory, write_section  # noqa: E402
 from _near_duplicates import TRANSFORMS, VARIANTS, write_near_duplicates, write_variants  # noqa: E402
 
 from featx import AuditConfig, ExtractConfig, audit, extract  # noqa: E402
@@ -379,19 +378,11 @@ def _search_child(store: str, n_query: int, n_ref: int, budget_gb: float) -> Non
 
 
 def _watched(cmd: list[str]) -> tuple[dict, float]:
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak = 0
-    while child.poll() is None:
-        try:
-            status = Path(f"/proc/{child.pid}/status").read_text()
-            peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))))
-        except (OSError, StopIteration, ValueError):
-            pass
-        time.sleep(0.05)
-    out = child.stdout.read()
+    """(the search child's timing JSON, its peak resident memory in GB)."""
+    child, peak_kb = run_watching_memory(cmd)
     if child.returncode:
-        raise SystemExit(f"search child failed: {cmd}")
-    return json.loads(out.strip().splitlines()[-1]), peak / 1e6
+        raise SystemExit(f"search child failed: {cmd}\n{child.stderr}")
+    return json.loads(child.stdout.strip().splitlines()[-1]), peak_kb / 1e6
 
 
 def scaling(args) -> str:
