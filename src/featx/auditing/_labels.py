@@ -71,14 +71,13 @@ def probability_head(X: np.ndarray, y: np.ndarray, *, seed: int, device: str):
     from sklearn.metrics import log_loss
 
     from ..heads import grid_of, make_head
-    from ..heads._sweep import validation_split
+    from ..heads._sweep import _transformed, validation_split
 
     grid = grid_of("logreg")
     pipeline = make_head("logreg", random_state=seed, device=device)
     fit, val = validation_split(y, 0.2, seed)
-    pre = clone(pipeline[:-1]).fit(X[fit], y[fit])
-    heads = clone(pipeline[-1]).fit_grid(pre.transform(X[fit]), y[fit], grid)
-    Z_val = pre.transform(X[val])
+    Z_fit, Z_val = _transformed(pipeline, X[fit], y[fit], X[val])  # the sweep's preprocessing, fitted on the fit rows
+    heads = clone(pipeline[-1]).fit_grid(Z_fit, y[fit], grid)
     losses = [log_loss(y[val], head.predict_proba(Z_val), labels=head.classes_) for head in heads]
     C = float(grid[int(np.argmin(losses))]["C"])
     return clone(pipeline).set_params(head__C=C).fit(X, y), C

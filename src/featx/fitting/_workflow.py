@@ -135,6 +135,7 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
         else:
             pipeline, sweep_result, scores, y_pred, fit_seconds, predict_seconds = _fit_in_memory(store, plan, pipeline, config)
         near = _near_duplicates(store, plan, config)
+        predictions = _predictions(store, plan, y_pred)
     metrics = classification_metrics(plan.y_test, y_pred, scores, n_classes=len(plan.class_names))
     metrics = metrics_with_intervals(metrics, plan.y_test, y_pred, seed=config.seed)
     intervals = interval_description(len(plan.y_test))
@@ -143,7 +144,7 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
         _logger.warning("'%s' on '%s': %s", config.head, plan.key, note)
     meta = {**_sidecar(config, features, plan, pipeline, metrics, sweep, fit_seconds, predict_seconds), "n_train_test_near_duplicates": near,
             "intervals": intervals}
-    save_head(out, pipeline, meta, overwrite=True, files={PREDICTIONS: _predictions(store_path=features, plan=plan, y_pred=y_pred)})
+    save_head(out, pipeline, meta, overwrite=True, files={PREDICTIONS: predictions})
     return FitHeadResult(out=out, head=config.head, model=plan.key, metrics=metrics, n_train=len(plan.train_rows),
                          n_test=len(plan.test_rows), fit_seconds=fit_seconds, predict_seconds=predict_seconds,
                          train_split=plan.train_split, test_split=plan.test_split, test_description=plan.test_description, sweep=sweep,
@@ -151,10 +152,9 @@ def fit_head(features: str | os.PathLike, config: FitHeadConfig, out: str | os.P
                          n_train_test_near_duplicates=near, intervals=intervals)
 
 
-def _predictions(store_path, plan: FitPlan, y_pred: np.ndarray) -> str:
+def _predictions(store: FeatureStore, plan: FitPlan, y_pred: np.ndarray) -> str:
     """test_predictions.csv: every test image's id, true class and predicted class."""
-    with FeatureStore(store_path) as store:
-        ids = store.ids_of(plan.key, plan.test_rows)
+    ids = store.ids_of(plan.key, plan.test_rows)
     names = np.asarray(plan.class_names, dtype=object)
     return predictions_csv(ids, names[plan.y_test], names[np.asarray(y_pred, dtype=np.int64)])
 

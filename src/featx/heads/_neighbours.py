@@ -15,10 +15,10 @@ import numpy as np
 import torch
 
 from ..device import resolve_device
+from ._near_duplicates import _MAX_SIMILARITIES  # one bound for both searches (128 MB of similarities)
 
 __all__ = ["chunked_top_k", "blocked_top_k"]
 
-_MAX_SIMILARITIES = 1 << 25  # floats per query chunk x reference rows block (128 MB)
 
 
 def chunked_top_k(queries: torch.Tensor, reference: torch.Tensor, k: int, *, norms: torch.Tensor | None = None,
