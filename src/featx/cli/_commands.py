@@ -378,7 +378,7 @@ def add_audit(sub) -> None:
     p = sub.add_parser("audit", help="what is wrong with the data: near-duplicates, likely label errors, outliers, confusable classes",
                        description="Audit a group of a feature store from its embeddings: near-duplicate pairs within and across splits "
                                    "(cosine similarity at or above a threshold, or in a band below it and confirmed by the images' pixels), likely label errors (cleanlab on out-of-fold "
-                                   "probabilities of the swept logistic regression, k-fold on the training split), outliers (distance to "
+                                   "probabilities of the logistic regression, its C by validation log-loss, k-fold on the training split), outliers (distance to "
                                    "the k-th neighbour of any class and of the same class) and confusable class pairs. Writes "
                                    "audit.json, audit.md and audit.html (one static page with thumbnails) to DIR.")
     p.add_argument("features", metavar="FEATURES.h5", help="feature store written by featx extract")
