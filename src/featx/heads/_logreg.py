@@ -53,10 +53,85 @@ def logistic_objective(X: torch.Tensor, y: torch.Tensor, sw: torch.Tensor, penal
             gb += p.sum(0)
         pen = penalties[heads]
         f = f / sw_sum + 0.5 * pen.double() * (W.double() ** 2).sum((1, 2))
-        gW = gWT.view(h, K, D).transpose(1, 2) / sw_sum + pen[:, None, None] * W
+        # the cross-entropy's gradient sums to 0 over the classes (probabilities sum to 1): removing the float32 residue
+        # keeps a preconditioned step from amplifying it along the direction only the (weak) penalty curves
+        gWT = gWT.view(h, K, D)
+        gWT -= gWT.mean(1, keepdim=True)
+        gb -= gb.mean(1, keepdim=True)
+        gW = gWT.transpose(1, 2) / sw_sum + pen[:, None, None] * W
         return f.to(theta.dtype), torch.cat([gW.reshape(h, D * K), gb / sw_sum], 1)
 
     return loss_grad
+
+
+# The preconditioner's cost grows as D^3 (one eigendecomposition of D x D); above this width the solver runs without it.
+PRECONDITIONED_MAX_DIM = 4096
+
+
+def feature_eigenbasis(X: torch.Tensor, sw: torch.Tensor, max_rows: int = 10000, chunk_rows: int = 8192):
+    """(eigenvalues [D], eigenvectors [D, D]) of ``X^T diag(sw) X / sum(sw)``, from every ``ceil(n / max_rows)``-th row:
+    the preconditioner needs the spectrum's shape, not its last digit, and a sample of 10,000 rows costs a quarter of
+    40,000."""
+    step = -(-len(X) // max_rows)
+    Xs, ws = X[::step], sw[::step]
+    G = torch.zeros(X.shape[1], X.shape[1], dtype=torch.float64, device=X.device)
+    for s in range(0, len(Xs), chunk_rows):
+        xc = Xs[s : s + chunk_rows]
+        G += (xc.T @ (xc * ws[s : s + len(xc), None])).double()
+    a, U = torch.linalg.eigh(G / float(ws.sum()))
+    return a.to(X.dtype), U.to(X.dtype)
+
+
+def _class_curvature(X: torch.Tensor, sw: torch.Tensor, theta: torch.Tensor, K: int, chunk_rows: int = 16384) -> torch.Tensor:
+    """``mean_w(diag(p) - p p^T)`` [K, K] of the softmax probabilities at ``theta`` [P] (float64)."""
+    D = X.shape[1]
+    W, b = theta[: D * K].view(D, K), theta[D * K :]
+    S = torch.zeros(K, K, dtype=torch.float64, device=X.device)
+    for s in range(0, len(X), chunk_rows):
+        p = torch.softmax(X[s : s + chunk_rows] @ W + b, 1)
+        pw = p * sw[s : s + chunk_rows, None]
+        S += (torch.diag(pw.sum(0)) - pw.T @ p).double()
+    return S / float(sw.sum())
+
+
+def _class_eigenbasis(S: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(eigenvalues, eigenvectors) of the class curvature ``S`` [K, K] with the all-ones direction exactly one of them,
+    eigenvalue 0: softmax probabilities do not change along it, so there the loss has no curvature and the gradient
+    no component (the penalty alone acts on the weights; the intercept does not move). Eigenvalues below 1e-6 of the
+    largest count as 0 (float32 noise, not curvature)."""
+    K = S.shape[0]
+    ones = torch.full((K,), K ** -0.5, dtype=torch.float64, device=S.device)
+    P = torch.eye(K, dtype=torch.float64, device=S.device) - torch.outer(ones, ones)
+    b, V = torch.linalg.eigh(P @ S.double() @ P + 2.0 * torch.outer(ones, ones))  # S's eigenvalues are <= 1: ones' stands apart
+    b[(V.T @ ones).abs().argmax()] = 0.0
+    b = torch.where(b > 1e-6 * b.max(), b, torch.zeros_like(b))
+    return b, V
+
+
+class KroneckerPreconditioner:
+    """An approximate inverse Hessian of the penalised cross-entropy, for :func:`batched_lbfgs`'s two-loop recursion.
+
+    The Hessian of the weights is ``mean_w(x x^T (x) S(x)) + penalty * I`` with ``S(x) = diag(p) - p p^T``; this takes it
+    as ``Sigma (x) S_bar + penalty * I`` (``Sigma``: the rows' second moment, ``S_bar``: the mean ``S`` at the block's
+    starting point), whose inverse is exact and cheap in the two eigenbases; the intercept gets the pseudo-inverse of
+    ``S_bar`` (its gradient has no component along the all-ones direction). The curvature pairs correct the rest.
+    """
+
+    def __init__(self, feature_eig: tuple[torch.Tensor, torch.Tensor], class_curvature: torch.Tensor, penalties: torch.Tensor):
+        a, U = feature_eig
+        b, V = _class_eigenbasis(class_curvature)
+        dtype = U.dtype
+        self.U, self.V = U, V.to(dtype)
+        self.inverse = 1.0 / (a.clamp_min(0.0)[:, None, None] * b.to(dtype)[None, None, :] + penalties[None, :, None])  # [D, h, K]
+        self.bias_inverse = torch.where(b > 0, 1.0 / b.clamp_min(1e-30), torch.zeros_like(b)).to(dtype)
+
+    def __call__(self, q: torch.Tensor) -> torch.Tensor:
+        h, D, K = q.shape[0], self.U.shape[0], self.V.shape[0]
+        Q = q[:, : D * K].view(h, D, K).permute(1, 0, 2).reshape(D, h * K)  # every head's D x K block side by side: one GEMM
+        R = ((self.U.T @ Q).view(D, h, K) @ self.V) * self.inverse
+        Wq = (self.U @ (R @ self.V.T).reshape(D, h * K)).view(D, h, K).permute(1, 0, 2).reshape(h, D * K)
+        bq = ((q[:, D * K :] @ self.V) * self.bias_inverse) @ self.V.T
+        return torch.cat([Wq, bq], 1)
 
 
 def _shift_history(history: list, delta_penalty: torch.Tensor, D: int, K: int) -> list:
@@ -82,6 +157,8 @@ class LogisticRegressionClassifier(LinearWeights, TorchHead):
     class_weight : None, 'balanced' or a dict {class label: weight} (as sample weights, as scikit-learn does).
     solver : 'lbfgs' (featx's batched torch solver) or 'sklearn' (scikit-learn's own lbfgs, on the CPU).
     heads_per_pass : on CPU, how many C values of a grid share each pass over the data (on CUDA: all of them).
+    warm_start : start ``fit`` from the current ``coef_`` / ``intercept_`` (as scikit-learn's ``warm_start``; a sweep's refit
+        starts from the chosen grid model this way). Ignored by ``fit_grid`` and when the shapes do not match.
     device : 'auto' (CUDA when present), 'cpu' or 'cuda[:N]'.
     random_state : kept for the common head interface (the solver is deterministic).
     """
@@ -89,8 +166,9 @@ class LogisticRegressionClassifier(LinearWeights, TorchHead):
     # C=1 (scikit-learn's default) is weak regularisation for standardised embeddings: C=0.01 scored within 0.7 points of
     # the best C of the 17-value grid on CIFAR-10 (40,000 rows: 0.7905 vs 0.7579 at C=1) and Fashion-MNIST Lite0 features
     def __init__(self, *, C: float = 0.01, tol: float = 1e-4, max_iter: int = 1000, class_weight=None, solver: str = "lbfgs",
-                 heads_per_pass: int = 4, device: str = "auto", random_state: int = 0):
+                 heads_per_pass: int = 4, warm_start: bool = False, device: str = "auto", random_state: int = 0):
         self.C = C
+        self.warm_start = warm_start
         self.tol = tol
         self.max_iter = max_iter
         self.heads_per_pass = heads_per_pass
@@ -113,7 +191,15 @@ class LogisticRegressionClassifier(LinearWeights, TorchHead):
             return self._set_from_heads(self._minibatch(X, [self.C]), 0)
         if self.solver == "sklearn":
             return self._fit_sklearn(X, y_idx)
-        self._set_learned(*self._solve(X, y_idx, [self.C]), 0)
+        self._set_learned(*self._solve(X, y_idx, [self.C], start=self._warm_theta(X.shape[1])), 0)
+
+    def _warm_theta(self, D: int) -> np.ndarray | None:
+        """theta = (W [D, K] flattened, b [K]) from the current coefficients when ``warm_start`` is on and they fit."""
+        K = len(self.classes_)
+        coef, intercept = getattr(self, "coef_", None), getattr(self, "intercept_", None)
+        if not self.warm_start or coef is None or np.shape(coef) != (K, D) or np.shape(intercept) != (K,):
+            return None
+        return np.concatenate([np.asarray(coef, dtype=np.float32).T.ravel(), np.asarray(intercept, dtype=np.float32)])
 
     def _minibatch(self, rows: Rows, Cs: list[float]):
         """Rows too many for memory: the same objective by minibatch Adam (coupled L2, cosine schedule, no early stop)."""
@@ -139,11 +225,14 @@ class LogisticRegressionClassifier(LinearWeights, TorchHead):
         self.coef_, self.intercept_ = coef, intercept
         self.n_iter_, self.converged_ = int(np.max(est.n_iter_)), bool(np.max(est.n_iter_) < self.max_iter)
 
-    def _solve(self, X: np.ndarray, y_idx: np.ndarray, Cs: list[float]):
+    def _solve(self, X: np.ndarray, y_idx: np.ndarray, Cs: list[float], start: np.ndarray | None = None):
         """(theta [H, P], iterations [H], converged [H]) for every C: the regularisation path from strong to weak.
 
         Heads are solved in blocks along the path (``heads_per_pass`` at once, all of them on a GPU); each block starts
-        from the previous block's solution and curvature memory, which is what makes weak-C problems cheap.
+        from the previous block's solution and curvature memory, which is what makes weak-C problems cheap. The first
+        block starts from ``start`` (theta [P]; zeros without it). Every block's L-BFGS is preconditioned by
+        :class:`KroneckerPreconditioner` (features up to ``PRECONDITIONED_MAX_DIM`` wide): on CIFAR-10's Lite0 features it
+        takes the 17-value grid from 1,090 iterations to 229.
         """
         dev = resolve_device(self.device)
         K, D = len(self.classes_), X.shape[1]
@@ -158,15 +247,19 @@ class LogisticRegressionClassifier(LinearWeights, TorchHead):
         block = len(Cs) if dev.type == "cuda" else max(1, int(self.heads_per_pass))
         theta = torch.zeros(len(Cs), D * K + K, device=dev)
         iterations, converged = np.zeros(len(Cs), dtype=np.int64), np.zeros(len(Cs), dtype=bool)
-        start, history, previous = torch.zeros(1, D * K + K, device=dev), [], None
+        start = torch.zeros(1, D * K + K, device=dev) if start is None else torch.as_tensor(start, device=dev).view(1, -1)
+        history, previous = [], None
+        feature_eig = feature_eigenbasis(Xt, sw) if D <= PRECONDITIONED_MAX_DIM else None
         with progress_bar(len(Cs), f"logreg path, {len(Cs)} C values", unit="C") as bar:
             for b in range(0, len(Cs), block):
                 heads = torch.arange(b, min(b + block, len(Cs)), device=dev)
                 if previous is not None:
                     history = _shift_history([(s[-1:].expand(len(heads), -1), y[-1:].expand(len(heads), -1), r[-1:]) for s, y, r in history],
                                              penalties[heads] - penalties[previous], D, K)
+                precondition = None if feature_eig is None else KroneckerPreconditioner(
+                    feature_eig, _class_curvature(Xt, sw, start[0], K), penalties[heads])
                 result = batched_lbfgs(lambda th, idx: objective(th, heads[idx]), start.expand(len(heads), -1).contiguous(),
-                                       tol=self.tol, max_iter=self.max_iter, history=history)
+                                       tol=self.tol, max_iter=self.max_iter, history=history, precondition=precondition)
                 theta[heads] = result.x
                 iterations[order[b : b + len(heads)]] = result.iterations.cpu().numpy()
                 converged[order[b : b + len(heads)]] = result.converged.cpu().numpy()

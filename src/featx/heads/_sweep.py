@@ -91,12 +91,15 @@ def validation_split(y: np.ndarray, val_fraction: float, seed: int) -> tuple[np.
     return stratified_holdout(y, val_fraction, seed)
 
 
+def _preprocessing(pipeline, X_tr, y_tr):
+    """The pipeline's preprocessing steps fitted on the training rows (None when the head is the only step)."""
+    return None if len(pipeline) == 1 else clone(pipeline[:-1]).fit(X_tr, y_tr)
+
+
 def _transformed(pipeline, X_tr, y_tr, X_va):
     """The training and validation rows through the pipeline's preprocessing, fitted on the training rows."""
-    if len(pipeline) == 1:
-        return X_tr, X_va
-    pre = clone(pipeline[:-1]).fit(X_tr, y_tr)
-    return pre.transform(X_tr), pre.transform(X_va)
+    pre = _preprocessing(pipeline, X_tr, y_tr)
+    return (X_tr, X_va) if pre is None else (pre.transform(X_tr), pre.transform(X_va))
 
 
 def _scored(correct: np.ndarray, **extra) -> dict:
@@ -104,21 +107,22 @@ def _scored(correct: np.ndarray, **extra) -> dict:
     return {"val_accuracy": float(np.mean(correct)), **extra, "correct": np.asarray(correct, dtype=bool)}
 
 
-def _scores_together(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
-    """Validation scores of every grid entry from one batched computation: the head's ``grid_correct`` (one neighbour
-    search) or ``fit_grid`` (one batched solve or factorisation)."""
-    Z_tr, Z_va = _transformed(pipeline, X_tr, y_tr, X_va)
+def _scores_together(pipeline, grid, X_tr, y_tr, X_va, y_va) -> tuple[list[dict], tuple | None]:
+    """(validation scores of every grid entry from one batched computation, (fitted preprocessing, fitted heads) or None):
+    the head's ``grid_correct`` (one neighbour search) or ``fit_grid`` (one batched solve or factorisation)."""
+    pre = _preprocessing(pipeline, X_tr, y_tr)
+    Z_tr, Z_va = (X_tr, X_va) if pre is None else (pre.transform(X_tr), pre.transform(X_va))
     head = clone(pipeline.named_steps["head"])
     if hasattr(head, "grid_correct"):
-        return [_scored(c) for c in head.grid_correct(Z_tr, y_tr, Z_va, y_va, grid)]
-    out = []
-    for est in head.fit_grid(Z_tr, y_tr, grid):
+        return [_scored(c) for c in head.grid_correct(Z_tr, y_tr, Z_va, y_va, grid)], None
+    out, fitted = [], head.fit_grid(Z_tr, y_tr, grid)
+    for est in fitted:
         extra = {"iterations": est.n_iter_, "converged": est.converged_} if hasattr(est, "n_iter_") else {}
         out.append(_scored(est.predict(Z_va) == y_va, **extra))
-    return out
+    return out, (pre, fitted)
 
 
-def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
+def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> tuple[list[dict], None]:
     """Validation scores of every grid entry, one fit each."""
     scores = []
     with progress_bar(len(grid), "sweep", unit="value") as bar:
@@ -126,7 +130,50 @@ def _scores_per_value(pipeline, grid, X_tr, y_tr, X_va, y_va) -> list[dict]:
             est = clone(pipeline).set_params(**{f"head__{k}": v for k, v in entry.items()})
             scores.append(_scored(est.fit(X_tr, y_tr).predict(X_va) == y_va))
             bar.update()
-    return scores
+    return scores, None
+
+
+_STATELESS_STEPS = ("Normalizer", "TapNormalizer")  # row-wise: the same map whichever rows they were fitted on
+
+
+def _standardisation_map(pre_fit, pre_all) -> tuple | None:
+    """(scale [D], shift [D]) with ``pre_fit(u) = pre_all(u) * scale + shift`` for every input ``u``: the two fits of a
+    preprocessing of row-wise steps and at most one ``StandardScaler`` differ by that per-feature affine map. None when
+    another step (PCA, say) makes the map anything else."""
+    steps_fit = [] if pre_fit is None else [step for _, step in pre_fit.steps]
+    steps_all = [] if pre_all is None else [step for _, step in pre_all.steps]
+    scale, shift = 1.0, 0.0
+    for a, b in zip(steps_fit, steps_all):
+        name = type(a).__name__
+        if name == "StandardScaler":
+            m, s = (0.0 if a.mean_ is None else a.mean_), (1.0 if a.scale_ is None else a.scale_)
+            m2, s2 = (0.0 if b.mean_ is None else b.mean_), (1.0 if b.scale_ is None else b.scale_)
+            scale, shift = np.asarray(s2 / s), np.asarray((m2 - m) / s)
+        elif name not in _STATELESS_STEPS:
+            return None
+    return scale, shift
+
+
+def _refit(pipeline, X, y, warm: tuple | None):
+    """``pipeline`` fitted on all rows. A head with ``warm_start`` starts from the chosen grid model (``warm``: the grid's
+    fitted preprocessing and that model), its weights carried to the refit's standardisation (same logits); on
+    CIFAR-10's 50,000 Lite0 rows this takes the logistic refit from 36 L-BFGS iterations to about 10."""
+    head = pipeline.steps[-1][1]
+    if warm is None or "warm_start" not in head.get_params() or not hasattr(warm[1], "coef_"):
+        return pipeline.fit(X, y)
+    pre_fit, chosen = warm
+    pre_all = None if len(pipeline) == 1 else pipeline[:-1].fit(X, y)  # the slice shares the pipeline's step objects
+    carried = _standardisation_map(pre_fit, pre_all)
+    Z = X if pre_all is None else pre_all.transform(X)
+    if carried is None:
+        head.fit(Z, y)
+        return pipeline
+    scale, shift = carried
+    head.coef_ = (chosen.coef_ * scale).astype(np.float32)
+    head.intercept_ = (chosen.intercept_ + chosen.coef_ @ np.broadcast_to(shift, chosen.coef_.shape[1:])).astype(np.float32)
+    head.set_params(warm_start=True).fit(Z, y)
+    head.set_params(warm_start=False)
+    return pipeline
 
 
 class SweptHead(ClassifierMixin, BaseEstimator):
@@ -148,12 +195,13 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         if len(np.unique(y)) < 2:
             raise ValueError(f"SweptHead needs at least 2 classes in y; got 1 class: {np.unique(y)[0]!r}")
         result = SweepResult(params=sorted({k for g in self.grid for k in g}))
+        warm = None
         if self.grid:
-            self._search(X, y, result)
+            warm = self._search(X, y, result)
         else:
             self._score_as_is(X, y, result)
         final = clone(self.pipeline).set_params(**{f"head__{k}": v for k, v in result.best.items()})
-        self.best_estimator_ = final.fit(X, y)
+        self.best_estimator_ = _refit(final, X, y, warm)
         self.best_params_, self.result_ = dict(result.best), result
         self.classes_ = self.best_estimator_.classes_
         return self
@@ -170,15 +218,18 @@ class SweptHead(ClassifierMixin, BaseEstimator):
         result.best_val_accuracy = float(clone(self.pipeline).fit(X[idx_tr], y[idx_tr]).score(X[idx_va], y[idx_va]))
         result.seconds = time.perf_counter() - t0
 
-    def _search(self, X, y, result: SweepResult) -> None:
+    def _search(self, X, y, result: SweepResult) -> tuple | None:
+        """Fill ``result``; return (the grid's fitted preprocessing, the chosen model) when the grid was fitted together
+        (the refit can start from it), else None."""
         idx_tr, idx_va = validation_split(y, self.val_fraction, self.random_state)
         result.n_train, result.n_val = len(idx_tr), len(idx_va)
         head = self.pipeline.named_steps["head"]
         batched = (hasattr(head, "fit_grid") or hasattr(head, "grid_correct")) and getattr(head, "grid_batched", True)
         strategy = _scores_together if batched else _scores_per_value
         t0 = time.perf_counter()
-        scored = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
+        scored, fitted = strategy(self.pipeline, self.grid, X[idx_tr], y[idx_tr], X[idx_va], y[idx_va])
         _record(result, self.grid, scored, time.perf_counter() - t0, batched)
+        return None if fitted is None else (fitted[0], fitted[1][self.grid.index(result.best)])
 
     def _checked(self, X):
         check_is_fitted(self)
