@@ -337,6 +337,91 @@ def benchmark(args) -> str:
     return "\n".join(lines)
 
 
+# -- label_search -----------------------------------------------------------------------------------
+SEARCH_SETS = 4  # training files 1300-1499, 1500-1699, ... of every class: none of the calibration's nor the report's
+
+
+def _search_sets(store: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(features, given labels, flipped mask) of each search set: 200 training images per class, 5% of them flipped
+    as the audit section flips (its own seed per set)."""
+    from featx import load_features
+
+    train = load_features(store, split="train")
+    ids = np.asarray([str(i) for i in train.ids])
+    sets = []
+    for j in range(SEARCH_SETS):
+        start, rng = 1300 + 200 * j, np.random.default_rng(100 + j)
+        rows = np.concatenate([np.flatnonzero(train.y == c)[np.argsort(ids[train.y == c])][start : start + 200]
+                               for c in np.unique(train.y)])
+        y = train.y[rows].copy()
+        flipped = np.zeros(len(rows), dtype=bool)
+        flipped[rng.choice(len(rows), len(rows) // 20, replace=False)] = True
+        K = int(train.y.max()) + 1
+        y[flipped] = (y[flipped] + rng.integers(1, K, flipped.sum())) % K
+        sets.append((train.X[rows], y, flipped))
+    return sets
+
+
+def _knn_probabilities(X: np.ndarray, y: np.ndarray, folds: int, seed: int, k: int) -> np.ndarray:
+    """Out-of-fold class shares among the k nearest training rows (cosine), on the audit's folds."""
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from featx.splits import stratified_folds
+
+    probs = np.zeros((len(y), int(y.max()) + 1))
+    for tr, held in stratified_folds(y, folds, seed):
+        knn = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute").fit(X[tr], y[tr])
+        probs[np.ix_(held, knn.classes_)] = knn.predict_proba(X[held])
+    return probs
+
+
+def _ranked(y: np.ndarray, probs: np.ndarray, by: str, adjust: bool = False) -> np.ndarray:
+    from cleanlab.filter import find_label_issues
+
+    return np.asarray(find_label_issues(labels=y, pred_probs=probs, return_indices_ranked_by=by, n_jobs=1,
+                                        rank_by_kwargs={"adjust_pred_probs": adjust}), dtype=np.int64)
+
+
+def label_search(args) -> str:
+    """The label check's variants on search sets that the audit section's images are not in: flips in the top 100 and
+    among all suspects, per set and on average. The audit keeps the variant with the most flips in the top 100."""
+    from featx.auditing._labels import out_of_fold_probabilities
+
+    store = Path(args.features)
+    results: dict[str, list[tuple[int, int, int]]] = {}
+    for X, y, flipped in _search_sets(store):
+        lr5, _ = out_of_fold_probabilities(X, y, folds=5, seed=0, device=args.device)
+        lr10, _ = out_of_fold_probabilities(X, y, folds=10, seed=0, device=args.device)
+        knn = _knn_probabilities(unit_rows(X), y, 5, 0, K)
+        variants = {"logreg (C by log-loss), 5 folds, self-confidence (the audit's)": (lr5, "self_confidence", False),
+                    "... self-confidence of probabilities less each class's threshold (`adjust_pred_probs`)": (lr5, "self_confidence", True),
+                    "... normalized margin": (lr5, "normalized_margin", False),
+                    "... normalized margin, `adjust_pred_probs`": (lr5, "normalized_margin", True),
+                    "... confidence-weighted entropy": (lr5, "confidence_weighted_entropy", False),
+                    "logreg, 10 folds, self-confidence": (lr10, "self_confidence", False),
+                    f"mean of logreg and {K}-NN probabilities, self-confidence": ((lr5 + knn) / 2, "self_confidence", False),
+                    f"{K}-NN alone, self-confidence": (knn, "self_confidence", False)}
+        for name, (probs, by, adjust) in variants.items():
+            ranked = _ranked(y, probs, by, adjust)
+            results.setdefault(name, []).append((int(flipped[ranked[:100]].sum()), int(flipped[ranked].sum()), len(ranked)))
+            logging.info("%s: %s", name, results[name][-1])
+    lines = ["## Label-check variants on search images (`benchmarks/audit.py --section label_search`)", "",
+             f"Command: `{command_line()}`  ", _machine(args), "",
+             f"{SEARCH_SETS} search sets of 2,000 CIFAR-10 training images (files 1300-1499, 1500-1699, ... of every class of "
+             f"`{store.name}`: neither the calibration's nor the audit section's images), EfficientNet-Lite0 features, 100 labels "
+             "flipped per set (seeded, as the audit section flips). cleanlab's `find_label_issues` on out-of-fold probabilities; "
+             "each cell: flips among the top 100 suspects / flips among all suspects (of 100) / suspects.", "",
+             "| variant | " + " | ".join(f"set {j + 1}" for j in range(SEARCH_SETS)) + " | mean flips in top 100 |",
+             "|---|" + "---:|" * (SEARCH_SETS + 1)]
+    means = {name: float(np.mean([a for a, _, _ in per_set])) for name, per_set in results.items()}
+    for name, per_set in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{a} / {b} / {n}" for a, b, n in per_set) + f" | {means[name]:.1f} |")
+    best = max(means, key=means.get)
+    lines += ["", f"Most flips in the top 100 on the search sets: {best} ({means[best]:.1f} of 100 on average, "
+              f"{min(a for a, _, _ in results[best])}-{max(a for a, _, _ in results[best])} per set)."]
+    return "\n".join(lines)
+
+
 # -- scaling --------------------------------------------------------------------------------------
 def _synthetic_store(path: Path, rows: int, dim: int, block: int = 65536) -> Path:
     """``rows`` x ``dim`` float16 features (non-negative, like pooled ReLU activations), written block by block."""
@@ -416,7 +501,9 @@ def main() -> None:
         torch.set_num_threads(int(threads))
         return _search_child(store, int(q), int(r), float(b))
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--section", choices=["calibration", "audit", "scaling"], required=True)
+    p.add_argument("--section", choices=["calibration", "audit", "scaling", "label_search"], required=True)
+    p.add_argument("--features", default=str(CACHE / "cifar10-full-lite0-224.h5"),
+                   help="label_search: the full CIFAR-10 Lite0 store (benchmarks/heads.py --section sweeps extracts it)")
     p.add_argument("--cifar", default=None, help="CIFAR-10 ImageFolder root with train/ and test/ (default: unpacked into the cache)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--seed", type=int, default=2)
@@ -429,8 +516,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     WORK.mkdir(parents=True, exist_ok=True)
-    name = {"calibration": "audit_calibration", "audit": "audit", "scaling": "audit_scaling"}[args.section]
-    text = {"calibration": calibration, "audit": benchmark, "scaling": scaling}[args.section](args)
+    name = {"calibration": "audit_calibration", "audit": "audit", "scaling": "audit_scaling", "label_search": "audit_label_search"}[args.section]
+    text = {"calibration": calibration, "audit": benchmark, "scaling": scaling, "label_search": label_search}[args.section](args)
     print(text)
     write_section(name, text)
 
