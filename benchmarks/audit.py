@@ -348,6 +348,7 @@ def _search_sets(store: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]
 
     train = load_features(store, split="train")
     ids = np.asarray([str(i) for i in train.ids])
+    n_classes = int(train.y.max()) + 1
     sets = []
     for j in range(SEARCH_SETS):
         start, rng = 1300 + 200 * j, np.random.default_rng(100 + j)
@@ -356,8 +357,7 @@ def _search_sets(store: Path) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]
         y = train.y[rows].copy()
         flipped = np.zeros(len(rows), dtype=bool)
         flipped[rng.choice(len(rows), len(rows) // 20, replace=False)] = True
-        K = int(train.y.max()) + 1
-        y[flipped] = (y[flipped] + rng.integers(1, K, flipped.sum())) % K
+        y[flipped] = (y[flipped] + rng.integers(1, n_classes, flipped.sum())) % n_classes
         sets.append((train.X[rows], y, flipped))
     return sets
 
@@ -388,6 +388,9 @@ def label_search(args) -> str:
     from featx.auditing._labels import out_of_fold_probabilities
 
     store = Path(args.features)
+    if not store.is_file():
+        raise SystemExit(f"no store at {store}; pass --features FEATURES.h5 (the full CIFAR-10 Lite0 store that "
+                         "`python benchmarks/heads.py --section sweeps` extracts)")
     results: dict[str, list[tuple[int, int, int]]] = {}
     for X, y, flipped in _search_sets(store):
         lr5, _ = out_of_fold_probabilities(X, y, folds=5, seed=0, device=args.device)
