@@ -37,14 +37,16 @@ def test_device_matches_timm_transform(name, img_size):
     assert geometry is not None and geometry.interpolation == config["interpolation"]
     pre = DevicePreprocessor(geometry)
     std = torch.tensor(config["std"]).view(3, 1, 1) * 255  # normalised units -> 0-255 pixel levels
-    worst = 0.0
+    worst, differing, total = 0.0, 0, 0
     for w, h in SIZES:
         images = _images(w, h)
         expected = torch.stack([tf(im) for im in images])
         got = pre([pre.host_prepare(im) for im in images], "cpu")
         assert got.shape == expected.shape == (2, 3, *geometry.crop)
-        worst = max(worst, float(((got - expected).abs() * std).max()))
-    assert worst <= 2.5, f"{name}: max difference {worst:.2f} pixel levels"
+        levels = ((got - expected).abs() * std).round()  # differences in 8-bit pixel levels
+        worst, differing, total = max(worst, float(levels.max())), differing + int((levels > 0).sum()), total + levels.numel()
+    # Pillow's own weights in its fixed point, each pass rounded and clipped to 8 bits: the very same pixels
+    assert differing == 0, f"{name}: {differing} of {total} pixels differ, by up to {worst:g} levels"
 
 
 def test_mixed_sizes_keep_batch_order():
@@ -53,7 +55,7 @@ def test_mixed_sizes_keep_batch_order():
     images = [im for w, h in [(20, 30), (300, 250), (20, 30), (50, 50)] for im in _images(w, h)[:1]]
     got = pre([pre.host_prepare(im) for im in images], "cpu")
     for k, im in enumerate(images):
-        assert torch.allclose(got[k], tf(im), atol=2.5 / 255 / 0.22)
+        assert torch.allclose(got[k], tf(im), atol=1e-5)
 
 
 def test_unsupported_transform_gives_none():
@@ -79,4 +81,4 @@ def test_host_and_device_features_agree():
             model = embedder.model_
     a, b = feats["host"], feats["device"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
-    assert a.shape == (6, model.num_features) and cos.min() > 0.999
+    assert a.shape == (6, model.num_features) and np.allclose(a, b, rtol=1e-4, atol=1e-5)  # the same pixels in

@@ -4,9 +4,12 @@
   DataLoader workers. Exact, but about 3 ms of CPU per image.
 * ``device``: workers only decode to uint8; resize, centre crop and normalisation run in batches
   on the device. The resize for each distinct input size is a pair of small interpolation
-  matrices computed by Pillow itself (same filter, same support), so the result matches timm's
-  transform to within Pillow's 8-bit rounding. Images larger than the resize target are
-  downscaled in the worker with Pillow (exact, and it bounds memory).
+  matrices holding Pillow's own weights in its fixed point (bilinear and bicubic computed as
+  Resample.c computes them; other filters read off a resize of an identity image), and each pass
+  is rounded and clipped to 8 bits as Pillow does, so bilinear and bicubic resizes give timm's
+  transform pixel for pixel (the same features a fine-tune's probe computes with timm's transform).
+  Images larger than the resize target are downscaled in the worker with Pillow (exact, and it
+  bounds memory).
 """
 
 from __future__ import annotations
@@ -83,10 +86,42 @@ class Geometry:
         return json.dumps(asdict(self))
 
 
+_PRECISION_BITS = 22  # Pillow's fixed-point weights for 8-bit images (Resample.c: 32 - 8 - 2)
+
+
+def _bicubic(x: np.ndarray, a: float = -0.5) -> np.ndarray:
+    x = np.abs(x)
+    return np.where(x < 1, ((a + 2) * x - (a + 3)) * x * x + 1, np.where(x < 2, (((x - 5) * x + 8) * x - 4) * a, 0.0))
+
+
+# Pillow's filters as Resample.c defines them: (support, function); others are read off a resize of an identity image
+_FILTERS = {Image.Resampling.BILINEAR: (1.0, lambda x: np.maximum(1 - np.abs(x), 0.0)), Image.Resampling.BICUBIC: (2.0, _bicubic)}
+
+
+def _pil_weights(n_in: int, n_out: int, resample) -> np.ndarray:
+    """[n_out, n_in] float64 weights of Pillow's 1-D resampling, computed as Resample.c's precompute_coeffs does."""
+    if resample not in _FILTERS:
+        eye = Image.fromarray(np.eye(n_in, dtype=np.float32), mode="F")
+        return np.asarray(eye.resize((n_in, n_out), resample), dtype=np.float64)
+    support, kernel = _FILTERS[resample]
+    scale = n_in / n_out
+    filterscale = max(scale, 1.0)
+    support *= filterscale
+    m = np.zeros((n_out, n_in))
+    for xx in range(n_out):
+        center = (xx + 0.5) * scale
+        xmin = max(int(center - support + 0.5), 0)
+        xmax = min(int(center + support + 0.5), n_in)
+        w = kernel((np.arange(xmin, xmax) - center + 0.5) / filterscale)
+        m[xx, xmin:xmax] = w / w.sum() if w.sum() != 0 else w
+    return m
+
+
 def _pil_matrix(n_in: int, n_out: int, resample) -> np.ndarray:
-    """[n_out, n_in] matrix of Pillow's 1-D resampling weights (resize of an identity image)."""
-    eye = Image.fromarray(np.eye(n_in, dtype=np.float32), mode="F")
-    return np.asarray(eye.resize((n_in, n_out), resample), dtype=np.float32)
+    """[n_out, n_in] matrix of Pillow's 1-D resampling weights for 8-bit images in its fixed point (integers scaled by
+    2**22, rounded half away from zero as Resample.c's normalize_coeffs_8bpc does), as float64."""
+    k = _pil_weights(n_in, n_out, resample) * (1 << _PRECISION_BITS)
+    return np.where(k < 0, np.ceil(k - 0.5), np.floor(k + 0.5))
 
 
 class DevicePreprocessor:
@@ -118,7 +153,7 @@ class DevicePreprocessor:
             rh, rw = self.g.resized_size(h, w)
             ch, cw = self.g.crop
             if (rh, rw) == (h, w):
-                my, mx = np.eye(h, dtype=np.float32), np.eye(w, dtype=np.float32)
+                my, mx = np.eye(h) * (1 << _PRECISION_BITS), np.eye(w) * (1 << _PRECISION_BITS)
             else:
                 my, mx = _pil_matrix(h, rh, self.resample), _pil_matrix(w, rw, self.resample)
             # torchvision center_crop: offsets int(round((size - crop) / 2)); pads with zeros if smaller
@@ -142,15 +177,19 @@ class DevicePreprocessor:
             order += idx
         out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.as_tensor(order, device=device))]
         scale, bias = self._scale_bias(device)
-        return out.clamp_(0, 255).mul_(scale).add_(bias)
+        return out.float().mul_(scale).add_(bias)
 
     def _resize_crop(self, batch: torch.Tensor, h: int, w: int) -> torch.Tensor:
-        """Pillow's two passes (horizontal, then vertical), each a matmul; crop folded in."""
+        """Pillow's two passes (horizontal, then vertical), each a matmul with its fixed-point weights, each rounded and
+        clipped to 8 bits as Pillow does (float64 holds the integer sums exactly); crop folded in. uint8 values as float64."""
+        ch, cw = self.g.crop
+        if self.g.resized_size(h, w) == (h, w) and h >= ch and w >= cw:  # resized in the worker already: the crop alone
+            top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+            return batch[:, :, top: top + ch, left: left + cw].double()
         my, mx = self._matrices(h, w, batch.device)
         b, c = batch.shape[:2]
-        x = batch.float().reshape(b * c * h, w) @ mx.T  # horizontal pass
-        x = x.clamp_(0, 255).round_().reshape(b * c, h, -1)  # Pillow keeps 8-bit between passes
-        return torch.matmul(my, x).reshape(b, c, my.shape[0], mx.shape[0])  # vertical pass
+        x = _to_8bit(batch.double().reshape(b * c * h, w) @ mx.T).reshape(b * c, h, -1)  # horizontal pass
+        return _to_8bit(torch.matmul(my, x)).reshape(b, c, my.shape[0], mx.shape[0])  # vertical pass
 
     def _scale_bias(self, device: torch.device):
         key = str(device)
@@ -160,6 +199,11 @@ class DevicePreprocessor:
             bias = (-mean / std).view(1, 3, 1, 1).to(device)
             self._norm[key] = (scale, bias)
         return self._norm[key]
+
+
+def _to_8bit(sums: torch.Tensor) -> torch.Tensor:
+    """Pillow's clip8: the fixed-point sums rounded half up to integers, clipped to 0..255."""
+    return sums.add_(1 << (_PRECISION_BITS - 1)).div_(1 << _PRECISION_BITS).floor_().clamp_(0, 255)
 
 
 def _crop_rows(m: np.ndarray, size: int) -> np.ndarray:
