@@ -127,6 +127,29 @@ def test_the_probe_chooses_c_by_cross_validation_on_small_sets_and_on_a_hold_out
     assert large.info["chosen_by"].startswith("a stratified 20% hold-out")
 
 
+def test_the_probe_kept_when_nothing_beats_it_is_fit_heads_swept_logreg_on_every_training_image():
+    """The run's train and validation rows arrive in its own order; stacked back into the source's order, the refit is
+    fit-head --sweep's model on the same rows with the same seed (same hold-out, same C), so a kept probe is the frozen
+    baseline itself."""
+    from featx.finetuning import _probe
+    from featx.heads import grid_of, heads_linear_map, make_head, sweep
+
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 1, (3, 16))
+    y = np.repeat(np.arange(3), 40)
+    X = (centres[y] + rng.normal(0, 2.0, (120, 16))).astype(np.float32)
+    order = rng.permutation(120)
+    fit, val = order[:84], order[84:]
+    probe = _probe.fit_probe(X[fit], y[fit], X[val], y[val], 3, seed=3, device="cpu",
+                             source_order=np.argsort(np.concatenate([fit, val]), kind="stable"))
+    fitted, result = sweep(make_head("logreg", device="cpu", random_state=3), X, y, grid_of("logreg"), random_state=3)
+    assert probe.info["refit_params"] == result.best and probe.info["n_refit"] == 120
+    W, b, _ = heads_linear_map(fitted)
+    weight, bias = probe.refit
+    np.testing.assert_allclose(weight.numpy(), W, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bias.numpy(), b, rtol=1e-4, atol=1e-5)
+
+
 def test_interpolation_is_the_weighted_mean_and_leaves_the_model_as_it_was():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))

@@ -1,9 +1,12 @@
 """The linear probe a run starts from: featx's logistic regression on the frozen backbone's embeddings, C chosen on them.
 
 Fine-tuning from a linear-probe start (LP-FT, Kumar et al. 2022) keeps the pretrained features from being torn
-apart by the gradients of a random classifier. The probe is fitted twice with one C: on the images the run trains
-on (the start every fine-tuned model is measured against on validation) and on every training image, validation
-included (the frozen baseline the run reports, and the model it keeps when nothing beats the start).
+apart by the gradients of a random classifier. The probe is fitted twice: on the images the run trains on, C
+chosen on them alone (the start every fine-tuned model is measured against on validation), and on every training image,
+validation included, exactly as ``featx fit-head --head logreg --sweep --seed S`` fits it on the same images (the frozen
+baseline the run reports, and the model it keeps when nothing beats the start). So a run that keeps the probe ships the
+frozen swept logistic regression itself, not a second one with another C: on 160 training images, the two ways of
+choosing C differed by up to 4 test points either way (benchmarks/RESULTS.md, finetune_search and finetune_report).
 """
 
 from __future__ import annotations
@@ -31,19 +34,23 @@ class Probe:
     """The start (fitted on the training part) and the refit (on every training image), as classifier weights."""
 
     start: tuple[torch.Tensor, torch.Tensor]  # (weight [K, D], bias [K]) fitted on the training part
-    refit: tuple[torch.Tensor, torch.Tensor]  # the same C on the training part and the validation part
+    refit: tuple[torch.Tensor, torch.Tensor]  # fit-head's swept logreg on the training part and the validation part
     info: dict  # head, chosen C, how it was chosen, image counts, seconds
 
 
 def fit_probe(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray, n_classes: int, *, seed: int,
-              device: str) -> Probe:
-    """A logistic regression on (X, y) with C chosen on (X, y) alone, and the same C refitted on (X, y) + (X_val, y_val).
+              device: str, source_order: np.ndarray | None = None) -> Probe:
+    """A logistic regression on (X, y) with C chosen on (X, y) alone, and fit-head's swept one on (X, y) + (X_val, y_val).
 
     C is chosen by stratified k-fold cross-validation on small sets (one hold-out of 20% of 100 images is 20 images,
     too few to tell C values apart), by mean accuracy, ties to the lower mean log-loss; on larger sets on one
     stratified hold-out, as ``featx fit-head --sweep`` does. Standardisation is folded into the weights
     (logits = x @ W.T + b on raw embeddings). A class absent from the fitted rows gets zero weights and a bias far
     below the others, so it is never predicted.
+
+    The refit is ``featx fit-head --sweep``'s: its grid, its stratified 20% hold-out drawn with ``seed``, its tie rule,
+    on every training image in the source's order (``source_order``: the rows of (X, X_val) stacked, sorted as the
+    source lists them, which is the order fit-head reads them from the store), so the hold-out is the same images.
     """
     t0 = time.perf_counter()
     pipeline = make_head("logreg", device=device, random_state=seed)
@@ -55,10 +62,14 @@ def fit_probe(X: np.ndarray, y: np.ndarray, X_val: np.ndarray, y_val: np.ndarray
     else:
         start, result = sweep(pipeline, X, y, grid, random_state=seed)
         chosen, score, how = result.best, result.best_val_accuracy, f"a stratified 20% hold-out of the {len(y)} training images"
-    refit = clone(pipeline).set_params(head__C=chosen["C"]).fit(np.concatenate([X, X_val]), np.concatenate([y, y_val]))
+    order = np.arange(len(y) + len(y_val)) if source_order is None else np.asarray(source_order)
+    refit, swept = sweep(pipeline, np.concatenate([X, X_val])[order], np.concatenate([y, y_val])[order], grid, random_state=seed)
     info = {"head": "logreg", "params": chosen, "sweep_val_accuracy": score, "chosen_by": how, "n_train": int(len(y)),
-            "n_refit": int(len(y) + len(y_val)), "seconds": time.perf_counter() - t0}
-    _logger.info("linear probe: C=%g chosen by %s (accuracy %.4f); refitted on %d images", chosen["C"], how, score, info["n_refit"])
+            "n_refit": int(len(y) + len(y_val)), "refit_params": dict(swept.best),
+            "refit_chosen_by": f"featx fit-head --sweep: a stratified 20% hold-out of the {len(order)} training images, seed {seed}",
+            "seconds": time.perf_counter() - t0}
+    _logger.info("linear probe: C=%g chosen by %s (accuracy %.4f); refitted as fit-head --sweep on %d images (C=%g)", chosen["C"],
+                 how, score, info["n_refit"], swept.best["C"])
     return Probe(_as_classifier(start, X.shape[1], n_classes), _as_classifier(refit, X.shape[1], n_classes), info)
 
 

@@ -95,9 +95,10 @@ def start(run: Run, clock) -> None:
             head = refit = _classifier(trainer.model)
             info = {"head": config.init_head}
         else:
-            X, y, _ = trainer.embed(run.loaders["probe"], state["skipped"])
+            X, y, i_train = trainer.embed(run.loaders["probe"], state["skipped"])
             state["images_per_s"] = (len(y) + len(y_val)) / max(1e-9, time.perf_counter() - t0)  # embedding only
-            probe = fit_probe(X, y, X_val, y_val, K, seed=config.seed, device=str(trainer.device))
+            probe = fit_probe(X, y, X_val, y_val, K, seed=config.seed, device=str(trainer.device),
+                              source_order=np.argsort(np.concatenate([i_train, i_val]), kind="stable"))
             head, refit, info = probe.start, probe.refit, probe.info
             set_classifier(trainer.model, *head, config.model)
         state["images_per_s"] = state["images_per_s"] or len(y_val) / max(1e-9, time.perf_counter() - t0)
