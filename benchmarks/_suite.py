@@ -9,6 +9,12 @@ Every regime has four disjoint parts of one data set, drawn per class from one s
 Data sets with an official train/test split draw the training parts from its train split and the test parts from
 its test split; digits (one split) draws all four from its images. CIFAR-10's report-test part also leaves out the
 1,000 test images the earlier recipe search (``--experiments`` of featx 0.1) chose the lr and augmentation on.
+
+Report rounds: once a report has been read, a change to the recipe may have been prompted by what it showed, so the
+next report is scored on report-test images no earlier round scored (``report_round``): the search parts stay as they
+are, and each round's report parts are the next unused images of the same per-class permutations. Data sets with two
+splits get fresh training images too; digits (1,797 images) trains on images earlier rounds tested on, and a class with
+too few unused images tests on all it has left (one image short in round 2).
 """
 
 from __future__ import annotations
@@ -72,11 +78,15 @@ def old_search_test_images(src: ImageSource, per_class: int = 100, seed: int = 0
 
 
 def build_parts(labels: np.ndarray, splits: list[str] | np.ndarray, class_names: list[str], regime: Regime,
-                exclude_from_report: np.ndarray | None = None) -> dict[str, np.ndarray]:
+                exclude_from_report: np.ndarray | None = None, report_round: int = 1) -> dict[str, np.ndarray]:
     """{part: sorted indices into the source} for every part of :data:`PARTS`; the parts are disjoint.
 
-    ``exclude_from_report``: images that may go to the search parts but never to ``report_test``.
+    ``exclude_from_report``: images that may go to the search parts but never to ``report_test``. ``report_round`` > 1:
+    the report parts of that round (the search parts do not change), whose report-test images no earlier round's
+    report-test part holds.
     """
+    if report_round > 1:
+        return _next_round(labels, splits, class_names, regime, exclude_from_report, report_round)
     labels, splits = np.asarray(labels), np.asarray(splits)
     rng = np.random.default_rng(BUILD_SEED)
     excluded = np.zeros(0, np.int64) if exclude_from_report is None else np.asarray(exclude_from_report, dtype=np.int64)
@@ -115,3 +125,31 @@ def regime_source(src: ImageSource, parts: dict[str, np.ndarray], which: str, re
         sub.class_names = list(regime.classes)
     sub.name = f"{regime.name}-{which}"
     return sub
+
+
+def _next_round(labels, splits, class_names, regime: Regime, exclude_from_report, report_round: int) -> dict[str, np.ndarray]:
+    """Round ``report_round``'s parts: the search parts of round 1, report parts from the images no earlier round reported on."""
+    earlier = [build_parts(labels, splits, class_names, regime, exclude_from_report, r) for r in range(1, report_round)]
+    first = earlier[0]
+    labels, splits = np.asarray(labels), np.asarray(splits)
+    used_test = np.concatenate([first["search_test"], first["search_train"], *(p["report_test"] for p in earlier),
+                                *([] if exclude_from_report is None else [np.asarray(exclude_from_report, np.int64)])])
+    two_splits = {"train", "test"} <= set(splits.tolist())
+    used_train = np.concatenate([first["search_train"], first["search_test"]] + ([p["report_train"] for p in earlier] if two_splits else []))
+    rng = np.random.default_rng(BUILD_SEED)  # the same permutations as round 1, read further along
+    classes = [class_names.index(c) for c in regime.classes] if regime.classes else range(len(class_names))
+    parts = {p: list(first[p]) for p in ("search_train", "search_test")} | {"report_train": [], "report_test": []}
+    for c in classes:
+        if two_splits:
+            train_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "train")))
+            test_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "test")))
+        else:
+            train_pool = test_pool = rng.permutation(np.flatnonzero(labels == c))
+        report_test = test_pool[~np.isin(test_pool, used_test)][: regime.test_per_class]
+        report_train = train_pool[~np.isin(train_pool, np.concatenate([used_train, report_test]))][: regime.train_per_class]
+        short = len(report_test) < (regime.test_per_class if two_splits else regime.test_per_class * 9 // 10)
+        if short or len(report_train) < regime.train_per_class:
+            raise ValueError(f"{regime.name}: class {class_names[c]} has too few unused images for report round {report_round}")
+        parts["report_test"] += report_test.tolist()
+        parts["report_train"] += report_train.tolist()
+    return {p: np.asarray(sorted(v), dtype=np.int64) for p, v in parts.items()}

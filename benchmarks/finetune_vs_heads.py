@@ -13,7 +13,9 @@ Each regime of :data:`_suite.REGIMES` (CIFAR-10 at 10/25/100/500 images per clas
 Per regime the report gives the frozen baseline (``featx extract`` + ``featx fit-head --head logreg --sweep`` on every
 training image), ``featx finetune`` with its defaults (only --model, --weights, --img-size given), the gain on the
 same test images with its 95% paired-bootstrap interval, the decision the run took on validation, and the minutes.
-Search and report runs use other images and other seeds (search 1, report 2).
+Search and report runs use other images and other seeds (search 1; report round r, r + 1). Each report round
+(``--report-round``, default 2) is scored on report-test images no earlier round scored: round 1 was read before the
+kept probe became fit-head's own swept logreg and before the second search, so round 2 reports on images nothing saw.
 """
 
 from __future__ import annotations
@@ -45,13 +47,17 @@ from featx.store import load_features  # noqa: E402
 
 MODEL = "tf_efficientnet_lite0"
 WORK = CACHE / "finetune_suite"
-SEEDS = {"search": 1, "report": 2}
+SEARCH_SEED = 1  # the search runs' seed; a report round's runs use round + 1 (2 for round 1, 3 for round 2)
+REPORT_ROUND = 2
 SMALL = 1000  # regimes with at most this many training images get the search's extra variants
 # The recipe variants of the search, one change at a time from the whole-network recipe (featx finetune's defaults when the
 # search ran: --freeze auto came out of it): (label, FinetuneConfig overrides, run folder name). A fourth,
 # "at least 100 steps" ({"min_steps": 100}: the epochs of a small regime raised until the run makes 100 optimizer steps),
 # ran on cifar10-10 only: 34 epochs, each scoring every candidate on the search-test part, cost 30 min of the shared CPU.
-VARIANTS = [("whole network (--freeze none)", {"freeze": "none"}, "defaults"),
+# The second search (after the kept probe became fit-head's own swept logreg) ran featx finetune's defaults only
+# (--variants defaults-now), to replay the keep-or-replace policies against a kept probe that is the frozen baseline.
+VARIANTS = [("featx finetune defaults", {}, "defaults-now"),
+            ("whole network (--freeze none)", {"freeze": "none"}, "defaults"),
             ("lr 1e-4", {"lr": 1e-4, "freeze": "none"}, "lr-1e-4"),
             ("last 2 stages (--freeze stages:2)", {"freeze": "stages:2"}, "last-2-stages-freeze-stages-2-")]
 REPORT = [("featx finetune defaults", {}, "defaults")]
@@ -94,7 +100,8 @@ def probe_on_frozen_features(src: ImageSource, tag: str, args, seed: int) -> dic
     train, test = load_features(store, MODEL, "train"), load_features(store, MODEL, "test")
     row = {i: k for k, i in enumerate(train.ids.tolist())}
     fit, val = ([row[src.ids[i]] for i in part] for part in (images.train, images.val))
-    probe = fit_probe(train.X[fit], train.y[fit], train.X[val], train.y[val], len(src.class_names), seed=seed, device="cpu")
+    probe = fit_probe(train.X[fit], train.y[fit], train.X[val], train.y[val], len(src.class_names), seed=seed, device="cpu",
+                      source_order=np.argsort(np.concatenate([fit, val]), kind="stable"))
     weight, bias = probe.refit
     pred = (torch.from_numpy(test.X).float() @ weight.T + bias).argmax(1).numpy()
     return {"accuracy": float((pred == test.y).mean()), "C": probe.info["params"]["C"], "chosen_by": probe.info["chosen_by"]}
@@ -134,6 +141,11 @@ def finetune_run(src: ImageSource, tag: str, label: str, overrides: dict, args, 
     return {"variant": label, **m, "identity": run_identity(config)}
 
 
+def run_seed(which: str, report_round: int) -> int:
+    """The featx runs' seed: the search's, or the report round's (round + 1)."""
+    return SEARCH_SEED if which == "search" else report_round + 1
+
+
 def paired(frozen: dict, ft: dict) -> dict:
     """Gain of the fine-tune over the frozen head on the images both scored, its 95% paired-bootstrap interval, McNemar's p."""
     ids = sorted(set(frozen["correct_by_id"]) & set(ft["correct_by_id"]))
@@ -147,19 +159,22 @@ def run_regime(regime, args) -> dict:
     """Build the regime's parts and run what the mode asks on them."""
     full = load_dataset(regime.dataset, args)
     exclude = old_search_test_images(full) if regime.dataset == "cifar10" else None
-    parts = build_parts(full.labels, full.splits, full.class_names, regime, exclude_from_report=exclude)
     which = args.mode
+    report_round = args.report_round if which == "report" else 1
+    parts = build_parts(full.labels, full.splits, full.class_names, regime, exclude_from_report=exclude, report_round=report_round)
     src = regime_source(full, parts, which, regime)
-    tag = f"{regime.name}-{which}" + ("-scaled" if args.scaled_down else "")
+    tag = f"{regime.name}-{which}" + (f"{report_round}" if report_round > 1 else "") + ("-scaled" if args.scaled_down else "")
+    seed = run_seed(which, report_round)
     t0 = time.perf_counter()
-    frozen = frozen_baseline(src, tag, args, SEEDS[which], fresh=which == "report")
+    frozen = frozen_baseline(src, tag, args, seed, fresh=which == "report")
     if which == "search":
-        frozen["own_probe_rule"] = probe_on_frozen_features(src, tag, args, SEEDS[which])
+        frozen["own_probe_rule"] = probe_on_frozen_features(src, tag, args, seed)
     n_train = len(parts[f"{which}_train"])
-    variants = (VARIANTS if n_train <= SMALL else VARIANTS[:1]) if which == "search" else REPORT
+    chosen = [v for v in VARIANTS if args.variants is None or v[2] in args.variants]
+    variants = (chosen if n_train <= SMALL else chosen[:1]) if which == "search" else REPORT
     runs = []
     for label, overrides, folder in variants:
-        run = finetune_run(src, f"{tag}-{folder}", label, overrides, args, SEEDS[which], reuse=which == "search", done=runs)
+        run = finetune_run(src, f"{tag}-{folder}", label, overrides, args, seed, reuse=which == "search", done=runs)
         runs.append(run)
     for r in runs:
         r.update(paired(frozen, r))
@@ -193,11 +208,13 @@ def report_markdown(results: list[dict], args, total_s: float) -> str:
              f"Command: `{command_line()}` ({total_s / 60:.1f} min in all, {args.device_type}: {hw}; 1-minute load average "
              f"{args.load_before} before, {args.load_after} after). EfficientNet-Lite0 (real ImageNet weights) at {args.img_size} px; "
              f"featx finetune with its defaults ({ft['epochs']} epochs, lr {ft['lr']:g}, freeze {ft['freeze']}, interpolations "
-             f"{ft['interpolate']}, patience {ft['patience']}, significance {ft['significance']:g}); run seed {SEEDS['report']}. "
+             f"{ft['interpolate']}, patience {ft['patience']}, significance {ft['significance']:g}); report round "
+             f"{args.report_round} (report-test images no earlier round scored), run seed {run_seed('report', args.report_round)}. "
              "Report-test parts: nothing chose on them; each run scores them once.", "",
              "Frozen = `featx fit-head --head logreg --sweep` on the features of every training image (its C on a 20% hold-out); "
-             "own probe = the run's frozen probe refitted on every training image (C by cross-validation on small sets), which the run "
-             "keeps unless a fine-tuned model beats it on validation by more than noise; gain = fine-tune - frozen on the same test "
+             "own probe = the model the run keeps unless a fine-tuned one beats its start on validation by more than noise: fit-head's "
+             "swept logreg on every training image, fitted by the run on its own embeddings (torch, where extract's may be ONNX "
+             "Runtime's); gain = fine-tune - frozen on the same test "
              "images, with its 95% paired-bootstrap interval; decision = what the run kept, with the one-sided exact McNemar p of the "
              "best fine-tuned candidate against the probe on validation.", "",
              "| regime | train / val / test | frozen (95% CI) | own probe | featx finetune (95% CI) | gain, points (95% CI) | "
@@ -216,6 +233,10 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--search", action="store_const", dest="mode", const="search", help="recipe variants on the search parts")
     mode.add_argument("--report", action="store_const", dest="mode", const="report", help="the defaults on the report parts")
     p.add_argument("--regimes", help="comma-separated regime names (default: all): " + ", ".join(r.name for r in REGIMES))
+    p.add_argument("--variants", type=lambda s: s.split(","),
+                   help="--search: comma-separated variant folders (default: all): " + ", ".join(v[2] for v in VARIANTS))
+    p.add_argument("--report-round", type=int, default=REPORT_ROUND,
+                   help="--report: which round's report parts (each round's report-test images are new to every later round)")
     p.add_argument("--img-size", type=int, default=96)
     p.add_argument("--epochs", type=int, help="override featx finetune's default (the scaled-down mode: 1)")
     p.add_argument("--scaled-down", action="store_true", help="a few images per class, 48 px, 1 epoch: shows the suite runs")
@@ -231,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - {r.name for r in REGIMES})
     if unknown:
         p.error(f"unknown regime(s) {', '.join(unknown)}")
+    bad = sorted(set(args.variants or ()) - {v[2] for v in VARIANTS})
+    if bad:
+        p.error(f"unknown variant(s) {', '.join(bad)}")
     regimes = [r for r in REGIMES if r.name in names]
     if args.scaled_down:
         regimes = [scaled_down(r) for r in regimes]

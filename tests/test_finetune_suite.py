@@ -65,6 +65,33 @@ def test_no_report_test_image_is_in_a_training_validation_or_search_part(regime)
     assert sorted(set(src.class_names)) == sorted(regime.classes or names) and src.labels.max() == n_classes - 1
 
 
+@pytest.mark.parametrize("regime", _suite.REGIMES, ids=lambda r: r.name)
+def test_a_later_report_round_tests_on_images_no_earlier_round_tested_on_and_keeps_the_search_parts(regime):
+    if regime.dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        labels = load_digits().target
+        splits, names, excluded = np.array(["train"] * len(labels)), [str(c) for c in range(10)], None
+    else:
+        labels, splits, names = _cifar_like(per_class_train=6000 if regime.dataset == "fashion-mnist" else 5000)
+        excluded = np.flatnonzero(splits == "test")[::7]
+    rounds = [_suite.build_parts(labels, splits, names, regime, exclude_from_report=excluded, report_round=r) for r in (1, 2)]
+    first, second = rounds
+    assert all(np.array_equal(first[k], second[k]) for k in ("search_train", "search_test"))
+    assert not set(second["report_test"].tolist()) & set(first["report_test"].tolist())
+    for a in _suite.PARTS:
+        for b in _suite.PARTS:
+            assert a == b or not set(second[a].tolist()) & set(second[b].tolist()), (a, b)
+    if excluded is not None:
+        assert not set(second["report_test"].tolist()) & set(excluded.tolist())
+        assert not set(second["report_train"].tolist()) & set(first["report_train"].tolist())  # fresh training images too
+    n_classes = len(regime.classes) if regime.classes else 10
+    assert len(second["report_train"]) == regime.train_per_class * n_classes
+    assert len(second["report_test"]) >= regime.test_per_class * n_classes * 0.98
+    assert np.array_equal(_suite.build_parts(labels, splits, names, regime, exclude_from_report=excluded, report_round=2)["report_test"],
+                          second["report_test"])
+
+
 def test_the_parts_are_the_same_on_every_call_and_differ_between_search_and_report():
     labels, splits, names = _cifar_like()
     regime = _suite.REGIMES[0]
@@ -102,5 +129,6 @@ def test_the_scaled_down_suite_runs_end_to_end(lite0_weights, tmp_path, monkeypa
     text = out.read_text()
     row = next(line for line in text.splitlines() if line.startswith("| digits |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[1] == "40 / 20 / 50"  # 6 per class, a third of each validates and "(" in cells[2] and cells[6].startswith(("frozen probe", "epoch"))
+    assert cells[1] == "40 / 20 / 50"  # 6 per class, a third of each validates
+    assert "(" in cells[2] and cells[6].startswith(("frozen probe", "epoch"))
     assert "only 1 of the suite's 10 regimes ran" in text
