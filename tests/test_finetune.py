@@ -523,3 +523,37 @@ def test_batchnorm_statistics_stay_pretrained_unless_asked(data, tmp_path, bn, f
     start = {k: v for k, v in timm.create_model("test_efficientnet").state_dict().items() if "running_mean" in k}
     trained = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]
     assert start and all(torch.equal(start[k], trained[k]) for k in start) == frozen
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_a_kept_probe_is_what_extract_and_fit_head_sweep_give_on_the_same_images(tmp_path, seed):
+    """The run's frozen baseline (the model it keeps when nothing beats its start) predicts every test image as
+    ``featx extract`` + ``featx fit-head --head logreg --sweep --seed S`` do: same features (extract's batched
+    preprocessing is timm's transform pixel for pixel), same hold-out, same C. The images are of one colour and
+    their classes arbitrary, so the predictions hang on the features and the C, not on an easy task."""
+    import csv
+
+    from featx import ExtractConfig, FitHeadConfig, extract, fit_head
+
+    from conftest import write_image
+
+    data = tmp_path / "images"
+    for s, (split, per_class) in enumerate((("train", 10), ("test", 6))):
+        for c in range(3):
+            for i in range(per_class):
+                write_image(data / split / f"class{c}" / f"{i}.png", (120, 110, 100), size=(37, 29), seed=1000 * s + 100 * c + i)
+    weights = tmp_path / "w.pth"
+    torch.manual_seed(0)
+    torch.save(timm.create_model("test_efficientnet", num_classes=0).state_dict(), weights)
+    run = finetune(str(data), FinetuneConfig(model="test_efficientnet", weights=str(weights), epochs=1, seed=seed, **FAST), tmp_path / "run")
+    store = tmp_path / "f.h5"
+    extract(str(data), ExtractConfig(model="test_efficientnet", weights=str(weights), img_size=32, batch_size=8, workers=0,
+                                     preprocess="device", runtime="torch", progress=False), store)
+    fitted = fit_head(store, FitHeadConfig(head="logreg", sweep=True, seed=seed, progress=False), tmp_path / "head")
+    with open(tmp_path / "run" / run.metrics["test_predictions"], newline="") as fh:
+        frozen = {r["id"]: r["frozen_prediction"] for r in csv.DictReader(fh)}
+    with open(tmp_path / "head" / "test_predictions.csv", newline="") as fh:
+        swept = {r["id"]: r["predicted"] for r in csv.DictReader(fh)}
+    assert frozen == swept and len(frozen) == 18
+    assert run.metrics["baseline"]["refit_params"] == fitted.sweep["best"]
+    assert run.metrics["baseline"]["accuracy"] == pytest.approx(fitted.metrics["accuracy"])
