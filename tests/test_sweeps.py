@@ -48,16 +48,31 @@ def fashion_lite0(tmp_path_factory, lite0_weights):
     return scaler.transform(tr.X).astype(np.float32), tr.y, scaler.transform(te.X).astype(np.float32), te.y
 
 
+def _penalised_loss(est, X, y, C: float) -> float:
+    """Scikit-learn's multinomial objective: C x the summed log-loss + half the squared weights."""
+    from sklearn.metrics import log_loss
+
+    return float(C * len(y) * log_loss(y, est.predict_proba(X), labels=est.classes_) + 0.5 * np.sum(np.square(est.coef_)))
+
+
 def test_logreg_path_matches_scikit_learn_per_C_on_real_embeddings(fashion_lite0):
+    """Each C's model is scikit-learn's optimum up to the solver's tolerance, as scikit-learn's own default lbfgs is: both
+    are measured against lbfgs run to tol 1e-10. (At C = 0.1 the default lbfgs stopped 2 test images from that optimum and
+    featx 3: a tolerance-sized gap, where a test against the default solver alone read noise as a difference.)"""
     Xtr, ytr, Xte, yte = fashion_lite0
     Cs = [1e-3, 1e-2, 1e-1]
     fitted = LogisticRegressionClassifier(device="cpu").fit_grid(Xtr, ytr, [{"C": c} for c in Cs])
     for C, est in zip(Cs, fitted):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            ref = LogisticRegression(C=C, max_iter=1000).fit(Xtr, ytr)
-        assert est.converged_ and abs(est.score(Xte, yte) - ref.score(Xte, yte)) <= 0.003, C
-        assert np.abs(est.predict_proba(Xte) - ref.predict_proba(Xte)).mean() < 0.005, C  # both within tol of one optimum
+            default = LogisticRegression(C=C, max_iter=1000).fit(Xtr, ytr)
+            optimum = LogisticRegression(C=C, max_iter=20000, tol=1e-10).fit(Xtr, ytr)
+        best = _penalised_loss(optimum, Xtr, ytr, C)
+        for model in (est, default):
+            assert abs(model.score(Xte, yte) - optimum.score(Xte, yte)) <= 0.005, (C, model)
+            assert _penalised_loss(model, Xtr, ytr, C) <= best * 1.005, (C, model)
+            assert np.abs(model.predict_proba(Xte) - optimum.predict_proba(Xte)).mean() < 0.005, (C, model)
+        assert est.converged_
 
 
 def test_logreg_path_over_several_blocks_matches_scikit_learn_per_C():
