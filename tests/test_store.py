@@ -233,3 +233,35 @@ def test_journal_with_other_settings_is_refused(tmp_path, monkeypatch, resume_ca
     with pytest.raises(FeatxError, match="interrupted extraction with different .*img_size.*delete that file"):
         extract(str(imgs), _cfg(img_size=96), out)
     assert hashlib.sha256(journal.read_bytes()).hexdigest() == before
+
+
+def test_a_ctrl_c_during_a_journal_write_waits_for_the_batch_and_then_interrupts(tmp_path, monkeypatch):
+    """A Ctrl-C that lands while a batch is written is held until its rows and their progress are both in the journal,
+    then delivered: the journal verifies and resumes from that batch (a Ctrl-C between two progress attributes had left
+    a journal that no longer verified, and the resume discarded every row)."""
+    import signal
+
+    from featx.store import _journal
+
+    seen = []
+    real = _journal._progress_digest
+
+    def interrupted_digest(hashers, rows, *rest):  # the Ctrl-C arrives mid-write, after the rows, before the progress
+        if rows and not seen:
+            seen.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(hashers, rows, *rest)
+
+    monkeypatch.setattr(_journal, "_progress_digest", interrupted_digest)
+    out = tmp_path / "f.h5"
+    key = _journal.StoreKey(model="m", weights_sha256="w", data_config="{}", preprocessing="host", img_size=32, pooling="avg",
+                            precision="fp32", dtype="float32", image_list_sha256="x")
+    writer = JournalWriter(out, "m", key, {}, dim=3, n_images=4, batch_size=2, split_names=["train"])
+    with pytest.raises(KeyboardInterrupt):
+        writer.write_batch(2, np.ones((2, 3), np.float32), np.arange(2), ["a", "b"], np.zeros(2, np.int64), np.zeros(2, np.int8), [])
+    assert seen and int(writer.g.attrs["n_rows"]) == 2 and int(writer.g.attrs["next_image"]) == 2  # the whole batch landed
+    writer.close()
+    monkeypatch.setattr(_journal, "_progress_digest", real)
+    again = JournalWriter(out, "m", key, {}, dim=3, n_images=4, batch_size=2, split_names=["train"])
+    assert again.next_image == 2  # verified and resumed, not discarded
+    again.close()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -191,6 +194,10 @@ class JournalWriter:
         ``digests`` (hex content digests) and ``stamps`` ([n, 2] file size and mtime) of the rows and
         of the skipped images are stored when given (empty digests and zero stamps otherwise).
         """
+        with _interrupts_deferred():
+            self._append(next_image, features, index, ids, labels, split_codes, skipped, digests, stamps, skipped_stamps)
+
+    def _append(self, next_image, features, index, ids, labels, split_codes, skipped, digests, stamps, skipped_stamps) -> None:
         g = self.g
         rows, n = int(g.attrs["n_rows"]), len(features)
         skips = int(g.attrs["n_skipped"])
@@ -240,6 +247,27 @@ class JournalWriter:
             self.f.close()
         except Exception:
             pass
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Hold a Ctrl-C (SIGINT) until the block ends, then deliver it: a batch's rows, their digests and the progress that
+    vouches for them are written together or not at all. (A Ctrl-C between two progress attributes left a journal that no
+    longer verified, and the resume discarded every row.) SIGKILL cannot be held: that is what the verification is for."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    previous = signal.SIG_DFL if previous is None else previous  # a handler not installed from Python
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if held and callable(previous):
+            previous(signal.SIGINT, held[0])
+        elif held and previous == signal.SIG_DFL:
+            os.kill(os.getpid(), signal.SIGINT)
 
 
 def _copy_columns(src: h5py.Group, dst: h5py.Group, names: tuple[str, ...], n: int, block: int = 65536) -> None:
