@@ -25,10 +25,14 @@ import numpy as np
 
 from featx.sources import ImageSource
 
-__all__ = ["Regime", "REGIMES", "PARTS", "build_parts", "regime_source", "scaled_down", "old_search_test_images"]
+__all__ = ["Regime", "REGIMES", "PARTS", "TooFewImages", "build_parts", "regime_source", "scaled_down", "old_search_test_images"]
 
 PARTS = ("report_train", "report_test", "search_train", "search_test")
 BUILD_SEED = 2024  # the permutation every part is cut from (the runs' own seeds are separate: see SEEDS in the script)
+
+
+class TooFewImages(ValueError):
+    """A regime's parts (or a report round's) need more images of a class than the data set has left."""
 
 
 @dataclass(frozen=True)
@@ -87,29 +91,36 @@ def build_parts(labels: np.ndarray, splits: list[str] | np.ndarray, class_names:
     """
     if report_round > 1:
         return _next_round(labels, splits, class_names, regime, exclude_from_report, report_round)
-    labels, splits = np.asarray(labels), np.asarray(splits)
-    rng = np.random.default_rng(BUILD_SEED)
     excluded = np.zeros(0, np.int64) if exclude_from_report is None else np.asarray(exclude_from_report, dtype=np.int64)
-    classes = [class_names.index(c) for c in regime.classes] if regime.classes else range(len(class_names))
-    two_splits = {"train", "test"} <= set(splits.tolist())
     parts = {p: [] for p in PARTS}
     n_train, n_test, n_search = regime.train_per_class, regime.test_per_class, regime.search_test_per_class
-    for c in classes:
-        if two_splits:
-            train_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "train")))
-            test_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "test")))
-        else:
-            pool = rng.permutation(np.flatnonzero(labels == c))
-            test_pool, train_pool = pool[: n_test + n_search], pool[n_test + n_search:]
+    for c, train_pool, test_pool, two_splits in _class_pools(labels, splits, class_names, regime):
+        if not two_splits:  # one permutation: its head tests, its tail trains
+            test_pool, train_pool = test_pool[: n_test + n_search], train_pool[n_test + n_search:]
         report_test = test_pool[~np.isin(test_pool, excluded)][:n_test]
         search_test = test_pool[~np.isin(test_pool, report_test)][:n_search]
         if len(report_test) < n_test or len(search_test) < n_search or len(train_pool) < 2 * n_train:
-            raise ValueError(f"{regime.name}: class {class_names[c]} has too few images for its parts")
+            raise TooFewImages(f"{regime.name}: class {class_names[c]} has too few images for its parts")
         parts["report_test"] += report_test.tolist()
         parts["search_test"] += search_test.tolist()
         parts["report_train"] += train_pool[:n_train].tolist()
         parts["search_train"] += train_pool[n_train: 2 * n_train].tolist()
     return {p: np.asarray(sorted(v), dtype=np.int64) for p, v in parts.items()}
+
+
+def _class_pools(labels, splits, class_names: list[str], regime: Regime):
+    """(class, train pool, test pool, two splits?) per class of the regime, each pool a permutation drawn in turn from one
+    generator seeded with :data:`BUILD_SEED`; with one split both pools are the same permutation of the class's images."""
+    labels, splits = np.asarray(labels), np.asarray(splits)
+    rng = np.random.default_rng(BUILD_SEED)
+    two_splits = {"train", "test"} <= set(splits.tolist())
+    for c in [class_names.index(c) for c in regime.classes] if regime.classes else range(len(class_names)):
+        if two_splits:
+            train_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "train")))
+            yield c, train_pool, rng.permutation(np.flatnonzero((labels == c) & (splits == "test"))), True
+        else:
+            pool = rng.permutation(np.flatnonzero(labels == c))
+            yield c, pool, pool, False
 
 
 def regime_source(src: ImageSource, parts: dict[str, np.ndarray], which: str, regime: Regime) -> ImageSource:
@@ -131,25 +142,16 @@ def _next_round(labels, splits, class_names, regime: Regime, exclude_from_report
     """Round ``report_round``'s parts: the search parts of round 1, report parts from the images no earlier round reported on."""
     earlier = [build_parts(labels, splits, class_names, regime, exclude_from_report, r) for r in range(1, report_round)]
     first = earlier[0]
-    labels, splits = np.asarray(labels), np.asarray(splits)
     used_test = np.concatenate([first["search_test"], first["search_train"], *(p["report_test"] for p in earlier),
                                 *([] if exclude_from_report is None else [np.asarray(exclude_from_report, np.int64)])])
-    two_splits = {"train", "test"} <= set(splits.tolist())
-    used_train = np.concatenate([first["search_train"], first["search_test"]] + ([p["report_train"] for p in earlier] if two_splits else []))
-    rng = np.random.default_rng(BUILD_SEED)  # the same permutations as round 1, read further along
-    classes = [class_names.index(c) for c in regime.classes] if regime.classes else range(len(class_names))
     parts = {p: list(first[p]) for p in ("search_train", "search_test")} | {"report_train": [], "report_test": []}
-    for c in classes:
-        if two_splits:
-            train_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "train")))
-            test_pool = rng.permutation(np.flatnonzero((labels == c) & (splits == "test")))
-        else:
-            train_pool = test_pool = rng.permutation(np.flatnonzero(labels == c))
+    for c, train_pool, test_pool, two_splits in _class_pools(labels, splits, class_names, regime):
+        used_train = [first["search_train"], first["search_test"]] + ([p["report_train"] for p in earlier] if two_splits else [])
         report_test = test_pool[~np.isin(test_pool, used_test)][: regime.test_per_class]
-        report_train = train_pool[~np.isin(train_pool, np.concatenate([used_train, report_test]))][: regime.train_per_class]
+        report_train = train_pool[~np.isin(train_pool, np.concatenate([*used_train, report_test]))][: regime.train_per_class]
         short = len(report_test) < (regime.test_per_class if two_splits else regime.test_per_class * 9 // 10)
         if short or len(report_train) < regime.train_per_class:
-            raise ValueError(f"{regime.name}: class {class_names[c]} has too few unused images for report round {report_round}")
+            raise TooFewImages(f"{regime.name}: class {class_names[c]} has too few unused images for report round {report_round}")
         parts["report_test"] += report_test.tolist()
         parts["report_train"] += report_train.tolist()
     return {p: np.asarray(sorted(v), dtype=np.int64) for p, v in parts.items()}

@@ -35,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import CACHE, CIFAR_TAR, cifar10_dir, command_line, lite0_weights, write_section  # noqa: E402
-from _suite import REGIMES, build_parts, old_search_test_images, regime_source, scaled_down  # noqa: E402
+from _suite import REGIMES, TooFewImages, build_parts, old_search_test_images, regime_source, scaled_down  # noqa: E402
 from _suite_analysis import POLICIES, policy_table, search_markdown  # noqa: E402
 
 from featx import ExtractConfig, FinetuneConfig, FitHeadConfig, extract, finetune, fit_head, load_head  # noqa: E402
@@ -155,13 +155,17 @@ def paired(frozen: dict, ft: dict) -> dict:
     return {"gain": 100 * (b.mean() - a.mean()), "gain_ci": [100 * lo, 100 * hi], "mcnemar_p": mcnemar_exact(a, b), "n_paired": len(ids)}
 
 
-def run_regime(regime, args) -> dict:
-    """Build the regime's parts and run what the mode asks on them."""
-    full = load_dataset(regime.dataset, args)
+def regime_parts(regime, full: ImageSource, args) -> dict[str, np.ndarray]:
+    """The regime's parts for the mode (a report: its round's)."""
     exclude = old_search_test_images(full) if regime.dataset == "cifar10" else None
+    report_round = args.report_round if args.mode == "report" else 1
+    return build_parts(full.labels, full.splits, full.class_names, regime, exclude_from_report=exclude, report_round=report_round)
+
+
+def run_regime(regime, full: ImageSource, parts: dict[str, np.ndarray], args) -> dict:
+    """Run what the mode asks on the regime's parts of ``full``."""
     which = args.mode
     report_round = args.report_round if which == "report" else 1
-    parts = build_parts(full.labels, full.splits, full.class_names, regime, exclude_from_report=exclude, report_round=report_round)
     src = regime_source(full, parts, which, regime)
     tag = f"{regime.name}-{which}" + (f"{report_round}" if report_round > 1 else "") + ("-scaled" if args.scaled_down else "")
     seed = run_seed(which, report_round)
@@ -255,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(args.variants or ()) - {v[2] for v in VARIANTS})
     if bad:
         p.error(f"unknown variant(s) {', '.join(bad)}")
+    if args.report_round < 1:
+        p.error(f"--report-round must be 1 or more, not {args.report_round}")
     regimes = [r for r in REGIMES if r.name in names]
     if args.scaled_down:
         regimes = [scaled_down(r) for r in regimes]
@@ -263,7 +269,12 @@ def main(argv: list[str] | None = None) -> int:
     args.load_before = _load()
     WORK.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    results = [run_regime(r, args) for r in regimes]
+    datasets = {name: load_dataset(name, args) for name in dict.fromkeys(r.dataset for r in regimes)}
+    try:  # every regime's parts before the first run: a round with too few unused images is refused up front
+        parts = [regime_parts(r, datasets[r.dataset], args) for r in regimes]
+    except TooFewImages as e:
+        p.error(str(e))
+    results = [run_regime(r, datasets[r.dataset], rp, args) for r, rp in zip(regimes, parts)]
     args.load_after = _load()
     if args.mode == "search":
         text = search_markdown(results, policy_table(results, POLICIES), command_line(), time.perf_counter() - t0, args)

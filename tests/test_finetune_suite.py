@@ -92,6 +92,19 @@ def test_a_later_report_round_tests_on_images_no_earlier_round_tested_on_and_kee
                           second["report_test"])
 
 
+def test_a_report_round_without_enough_unused_images_is_refused_in_one_line_before_any_run(capsys, tmp_path, monkeypatch):
+    import finetune_vs_heads as bench
+
+    monkeypatch.setattr(bench, "WORK", tmp_path / "work")
+    monkeypatch.setattr(bench, "run_regime", lambda *a: pytest.fail("a regime ran"))
+    for round_, message in (("3", "digits: class 0 has too few unused images for report round 3"),
+                            ("0", "--report-round must be 1 or more, not 0")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(["--report", "--regimes", "digits", "--report-round", round_, "--no-write"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.strip().splitlines()[-1].endswith(message) and "Traceback" not in err
+
+
 def test_the_parts_are_the_same_on_every_call_and_differ_between_search_and_report():
     labels, splits, names = _cifar_like()
     regime = _suite.REGIMES[0]
