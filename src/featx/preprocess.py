@@ -177,19 +177,19 @@ class DevicePreprocessor:
             order += idx
         out = parts[0] if len(parts) == 1 else torch.cat(parts)[torch.argsort(torch.as_tensor(order, device=device))]
         scale, bias = self._scale_bias(device)
-        return out.float().mul_(scale).add_(bias)
+        return out.mul_(scale).add_(bias)
 
     def _resize_crop(self, batch: torch.Tensor, h: int, w: int) -> torch.Tensor:
         """Pillow's two passes (horizontal, then vertical), each a matmul with its fixed-point weights, each rounded and
-        clipped to 8 bits as Pillow does (float64 holds the integer sums exactly); crop folded in. uint8 values as float64."""
+        clipped to 8 bits as Pillow does (float64 holds the integer sums exactly); crop folded in. 8-bit values as float32."""
         ch, cw = self.g.crop
         if self.g.resized_size(h, w) == (h, w) and h >= ch and w >= cw:  # resized in the worker already: the crop alone
             top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
-            return batch[:, :, top: top + ch, left: left + cw].double()
+            return batch[:, :, top: top + ch, left: left + cw].float()
         my, mx = self._matrices(h, w, batch.device)
         b, c = batch.shape[:2]
         x = _to_8bit(batch.double().reshape(b * c * h, w) @ mx.T).reshape(b * c, h, -1)  # horizontal pass
-        return _to_8bit(torch.matmul(my, x)).reshape(b, c, my.shape[0], mx.shape[0])  # vertical pass
+        return _to_8bit(torch.matmul(my, x)).float().reshape(b, c, my.shape[0], mx.shape[0])  # vertical pass
 
     def _scale_bias(self, device: torch.device):
         key = str(device)
