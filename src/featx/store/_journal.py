@@ -194,37 +194,34 @@ class JournalWriter:
         ``digests`` (hex content digests) and ``stamps`` ([n, 2] file size and mtime) of the rows and
         of the skipped images are stored when given (empty digests and zero stamps otherwise).
         """
-        with _interrupts_deferred():
-            self._append(next_image, features, index, ids, labels, split_codes, skipped, digests, stamps, skipped_stamps)
-
-    def _append(self, next_image, features, index, ids, labels, split_codes, skipped, digests, stamps, skipped_stamps) -> None:
-        g = self.g
-        rows, n = int(g.attrs["n_rows"]), len(features)
-        skips = int(g.attrs["n_skipped"])
-        if n:
-            digests = np.asarray(digests if digests is not None else [""] * n, dtype=DIGEST_DTYPE)
-            stamps = np.zeros((n, 2), np.int64) if stamps is None else stamps
-            for name, values in zip(_ROW_COLUMNS, (features, labels, ids, split_codes, index, digests, stamps)):
-                g[name].resize(rows + n, axis=0)
-                g[name][rows:] = values
-        if skipped:
-            s = g["skipped"]
-            skipped_stamps = np.zeros((len(skipped), 2), np.int64) if skipped_stamps is None else skipped_stamps
-            columns = ([row[0] for row in skipped], [row[1] for row in skipped], [row[2] for row in skipped], skipped_stamps)
-            for name, values in zip(_SKIP_COLUMNS, columns):
-                s[name].resize(skips + len(skipped), axis=0)
-                s[name][skips:] = values
-        self.f.flush()  # rows reach the file before the progress that vouches for them
-        if n:
-            for name in _ROW_COLUMNS:
-                _hash_update(self._hashers[name], g[name], rows, rows + n)
-        if skipped:
-            for name in _SKIP_COLUMNS:
-                _hash_update(self._hashers["skipped/" + name], g["skipped"][name], skips, skips + len(skipped))
-        rows, skips = rows + n, skips + len(skipped)
-        g.attrs.update({"n_rows": rows, "n_skipped": skips, "next_image": next_image,
-                        "progress_sha256": _progress_digest(self._hashers, rows, skips, next_image)})
-        self.f.flush()
+        with _interrupts_deferred():  # rows, hashes and progress land together, or not at all
+            g = self.g
+            rows, n = int(g.attrs["n_rows"]), len(features)
+            skips = int(g.attrs["n_skipped"])
+            if n:
+                digests = np.asarray(digests if digests is not None else [""] * n, dtype=DIGEST_DTYPE)
+                stamps = np.zeros((n, 2), np.int64) if stamps is None else stamps
+                for name, values in zip(_ROW_COLUMNS, (features, labels, ids, split_codes, index, digests, stamps)):
+                    g[name].resize(rows + n, axis=0)
+                    g[name][rows:] = values
+            if skipped:
+                s = g["skipped"]
+                skipped_stamps = np.zeros((len(skipped), 2), np.int64) if skipped_stamps is None else skipped_stamps
+                columns = ([row[0] for row in skipped], [row[1] for row in skipped], [row[2] for row in skipped], skipped_stamps)
+                for name, values in zip(_SKIP_COLUMNS, columns):
+                    s[name].resize(skips + len(skipped), axis=0)
+                    s[name][skips:] = values
+            self.f.flush()  # rows reach the file before the progress that vouches for them
+            if n:
+                for name in _ROW_COLUMNS:
+                    _hash_update(self._hashers[name], g[name], rows, rows + n)
+            if skipped:
+                for name in _SKIP_COLUMNS:
+                    _hash_update(self._hashers["skipped/" + name], g["skipped"][name], skips, skips + len(skipped))
+            rows, skips = rows + n, skips + len(skipped)
+            g.attrs.update({"n_rows": rows, "n_skipped": skips, "next_image": next_image,
+                            "progress_sha256": _progress_digest(self._hashers, rows, skips, next_image)})
+            self.f.flush()
 
     def finish(self, extra_attrs: dict) -> None:
         """Record ``extra_attrs``, mark the journal complete and close it (every image has a row or a skip)."""
